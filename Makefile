@@ -1,0 +1,48 @@
+# One target per stage; each installs first when .venv is missing or out of date.
+#   make pretrain | sft | reward | ppo | rlhf | all     ARGS="hydra overrides"  NPROC=N  ACCELERATE_CONFIG=file
+#   make test | bench | install                          TORCH=torch (a CUDA build) on a GPU machine
+
+SHELL := /bin/bash
+PYTHON ?= python3
+# The CPU build by default (small, and what a laptop or CI needs); `make install TORCH=torch` for CUDA.
+TORCH ?= torch==2.13.0
+VENV := .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+ARGS ?=
+NPROC ?= 1
+ACCELERATE_CONFIG ?=
+
+ifeq ($(ACCELERATE_CONFIG),)
+  ifeq ($(NPROC),1)
+    LAUNCH_FLAGS := --num_processes 1
+  else
+    LAUNCH_FLAGS := --multi_gpu --num_processes $(NPROC)
+  endif
+  LAUNCH_FLAGS += --num_machines 1 --mixed_precision no --dynamo_backend no
+else
+  LAUNCH_FLAGS := --config_file $(ACCELERATE_CONFIG) $(if $(filter command line environment,$(origin NPROC)),--num_processes $(NPROC))
+endif
+LAUNCH := $(VENV)/bin/accelerate launch --quiet $(LAUNCH_FLAGS) -m
+
+.PHONY: install pretrain test registry clean-venv
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml Makefile
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	touch $(STAMP)
+
+pretrain: install
+	$(LAUNCH) stages.pretrain $(ARGS)
+
+test: install
+	$(PY) -m pytest -q $(PYTEST_ARGS)
+
+registry: install
+	$(PY) -m pipeline.registry list
+
+clean-venv:
+	rm -rf $(VENV)

@@ -1,0 +1,176 @@
+"""Typed configuration schemas, registered in Hydra's ConfigStore.
+
+Every setting is declared here once, with a comment; the YAML files under conf/ only choose values.
+Hydra checks names and types while composing; `validate` then builds the dataclasses, which runs
+the cross-field checks in each `__post_init__`, before any model or data set is built.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import DictConfig, OmegaConf
+
+from pipeline.errors import PipelineError
+
+DATA_KINDS = ("demo", "file", "hub")
+LOGGING_BACKENDS = ("wandb", "none")
+RESUME_MODES = ("auto", "never")
+
+
+@dataclass
+class RegistryConfig:
+    # Directory holding the registry index, checkpoints, trainer checkpoints, logs and reports.
+    root: str = "${oc.env:PIPELINE_HOME,runs}"
+    # Keep the trainer's intermediate checkpoints (optimizer state) after a run completes.
+    keep_trainer_checkpoints: bool = False
+
+
+@dataclass
+class ModelConfig:
+    # Hub id or local Hugging Face directory to start from; null builds a fresh Llama from the fields below.
+    name_or_path: Optional[str] = None
+    # Llama architecture of a model built from scratch (ignored when name_or_path is set).
+    hidden_size: int = 256
+    num_layers: int = 4
+    num_heads: int = 4
+    # Key/value heads (grouped-query attention); equal to num_heads for plain multi-head attention.
+    num_kv_heads: int = 4
+    intermediate_size: int = 688
+    # Share the input embedding with the output projection (saves parameters on small models).
+    tie_word_embeddings: bool = True
+    rope_theta: float = 10000.0
+    # Allow a hub model to run code from its repository. Off unless you trust the repository.
+    trust_remote_code: bool = False
+
+    def __post_init__(self):
+        if self.name_or_path is None and self.hidden_size % self.num_heads:
+            raise ValueError(f"model.hidden_size ({self.hidden_size}) must be divisible by "
+                             f"model.num_heads ({self.num_heads})")
+        if self.name_or_path is None and self.num_heads % self.num_kv_heads:
+            raise ValueError(f"model.num_heads ({self.num_heads}) must be divisible by "
+                             f"model.num_kv_heads ({self.num_kv_heads})")
+
+
+@dataclass
+class TokenizerConfig:
+    # Vocabulary size of the byte-level BPE trained on the corpus (models from scratch only).
+    vocab_size: int = 4096
+    # Documents used to train the BPE (a sample of the corpus is enough).
+    train_documents: int = 20000
+
+
+@dataclass
+class CorpusConfig:
+    # Where the text comes from: demo (generated), file (.txt/.jsonl/.parquet), hub (a dataset id).
+    kind: str = "demo"
+    # Local file for kind=file, dataset id for kind=hub.
+    path: Optional[str] = None
+    # Column holding the text in .jsonl/.parquet files and hub datasets.
+    text_field: str = "text"
+    # Hub dataset configuration name and split.
+    hub_config: Optional[str] = None
+    split: str = "train"
+    # How a .txt file is cut into documents: "paragraph" (blank-line separated) or "line".
+    sample_by: str = "paragraph"
+    # Demo corpus size in stories (kind=demo).
+    num_documents: int = 20000
+    # Share of documents held out for evaluation (at least one block is always held out).
+    eval_fraction: float = 0.02
+    # Cap on documents read (null = all); useful for a quick look at a large hub corpus.
+    max_documents: Optional[int] = None
+    # Tokens per training sequence; documents are packed end to end into blocks of this size.
+    block_size: int = 256
+    # Cap on evaluation blocks, to keep evaluation quick.
+    max_eval_blocks: int = 200
+
+    def __post_init__(self):
+        if self.kind not in DATA_KINDS:
+            raise ValueError(f"data.kind must be one of {DATA_KINDS}, got {self.kind!r}")
+        if self.kind != "demo" and not self.path:
+            raise ValueError(f"data.kind={self.kind} needs data.path (a local file or a hub dataset id)")
+        if self.sample_by not in ("paragraph", "line"):
+            raise ValueError(f"data.sample_by must be 'paragraph' or 'line', got {self.sample_by!r}")
+        if not 0.0 < self.eval_fraction < 0.5:
+            raise ValueError(f"data.eval_fraction must be in (0, 0.5), got {self.eval_fraction}")
+
+
+@dataclass
+class TrainerConfig:
+    # Optimizer steps to train for.
+    max_steps: int = 1000
+    # Peak learning rate (AdamW), reached after warmup and decayed with the scheduler.
+    learning_rate: float = 1e-3
+    lr_scheduler_type: str = "cosine"
+    warmup_steps: int = 50
+    weight_decay: float = 0.1
+    max_grad_norm: float = 1.0
+    # Sequences per device per step; the global batch is this x processes x accumulation.
+    per_device_train_batch_size: int = 16
+    per_device_eval_batch_size: int = 32
+    gradient_accumulation_steps: int = 1
+    # Mixed precision on GPUs ("no", "bf16", "fp16"); CPUs train in fp32.
+    mixed_precision: str = "no"
+    # Steps between log lines, and between trainer checkpoints (what a rerun resumes from).
+    logging_steps: int = 25
+    save_steps: int = 250
+    # Trainer checkpoints kept while training.
+    save_total_limit: int = 2
+    # Data-loading worker processes (0 loads in the training process).
+    dataloader_num_workers: int = 0
+
+    def __post_init__(self):
+        if self.max_steps <= 0:
+            raise ValueError(f"trainer.max_steps must be positive, got {self.max_steps}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"trainer.learning_rate must be positive, got {self.learning_rate}")
+        if self.mixed_precision not in ("no", "bf16", "fp16"):
+            raise ValueError(f"trainer.mixed_precision must be no, bf16 or fp16, got {self.mixed_precision!r}")
+
+
+@dataclass
+class LoggingConfig:
+    # Experiment tracker: wandb (online with WANDB_API_KEY, offline otherwise) or none.
+    backend: str = "wandb"
+    # wandb project the runs go to.
+    project: str = "llm-pipeline"
+
+    def __post_init__(self):
+        if self.backend not in LOGGING_BACKENDS:
+            raise ValueError(f"logging.backend must be one of {LOGGING_BACKENDS}, got {self.backend!r}")
+
+
+@dataclass
+class PretrainConfig:
+    # Seed for data generation, initialisation and data order.
+    seed: int = 0
+    # "auto": rerunning the same command resumes its unfinished run; "never": always start afresh.
+    resume: str = "auto"
+    registry: RegistryConfig = field(default_factory=RegistryConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: CorpusConfig = field(default_factory=CorpusConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def __post_init__(self):
+        if self.resume not in RESUME_MODES:
+            raise ValueError(f"resume must be one of {RESUME_MODES}, got {self.resume!r}")
+
+
+def register_schemas() -> None:
+    """Make the schemas known to Hydra: each primary config names its schema in its defaults list."""
+    cs = ConfigStore.instance()
+    cs.store(name="pretrain_schema", node=PretrainConfig)
+
+
+def validate(cfg: DictConfig):
+    """Build the typed config object from a composed config, naming the key at fault if it is wrong."""
+    try:
+        return OmegaConf.to_object(cfg)
+    except (ValueError, TypeError) as e:
+        raise PipelineError(f"invalid configuration: {e}") from None
+    except Exception as e:  # omegaconf's MissingMandatoryValue, InterpolationResolutionError, ...
+        raise PipelineError(f"invalid configuration: {e}".splitlines()[0]
+                            + (f" (key: {e.full_key})" if getattr(e, "full_key", None) else "")) from None

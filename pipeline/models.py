@@ -1,0 +1,53 @@
+"""Models: a Llama built from a config preset, or a pretrained model from a hub id or local directory."""
+from __future__ import annotations
+
+import torch
+from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
+
+from pipeline.config import ModelConfig
+from pipeline.errors import PipelineError
+
+
+def build_llama(cfg: ModelConfig, tokenizer, max_positions: int) -> LlamaForCausalLM:
+    """A freshly initialised Llama sized by the preset, with the tokenizer's vocabulary and special tokens."""
+    config = LlamaConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=cfg.hidden_size,
+        num_hidden_layers=cfg.num_layers,
+        num_attention_heads=cfg.num_heads,
+        num_key_value_heads=cfg.num_kv_heads,
+        intermediate_size=cfg.intermediate_size,
+        max_position_embeddings=max_positions,
+        tie_word_embeddings=cfg.tie_word_embeddings,
+        rope_theta=cfg.rope_theta,
+        attention_dropout=0.0,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+    )
+    return LlamaForCausalLM(config)
+
+
+def load_causal_lm(name_or_path: str, trust_remote_code: bool = False, dtype=torch.float32):
+    try:
+        return AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
+                                                    dtype=dtype, use_safetensors=True)
+    except Exception as e:
+        raise PipelineError(f"cannot load a causal LM from '{name_or_path}': {e}") from None
+
+
+def match_tokenizer(model, tokenizer) -> None:
+    """Grow the embeddings to the tokenizer's vocabulary and make the model's special tokens the tokenizer's."""
+    if len(tokenizer) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tokenizer))
+    for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
+        setattr(model.config, name, getattr(tokenizer, name))
+    model.generation_config = GenerationConfig(
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, max_new_tokens=128, do_sample=True, temperature=0.7,
+    )
+
+
+def count_parameters(model) -> int:
+    # Tied embeddings are counted once.
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())

@@ -1,0 +1,353 @@
+"""The checkpoint registry: every checkpoint a stage writes, its status, metrics and lineage.
+
+An SQLite index (`registry.db`) under the registry root, plus a `manifest.json` inside each checkpoint
+directory, so that every checkpoint describes itself and the index can be rebuilt from the manifests.
+
+    python -m pipeline.registry list [--stage S] [--json]
+    python -m pipeline.registry show REF [--json]
+    python -m pipeline.registry lineage REF
+    python -m pipeline.registry rebuild
+
+REF is `stage` or `stage:latest` (newest complete), `stage:best` (best on the stage's key metric),
+an entry id, a checkpoint path, or a hub id. Only complete entries resolve.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import socket
+import sqlite3
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Optional
+
+from pipeline.errors import PipelineError
+
+STAGES = ("pretrain", "sft", "reward", "ppo")
+# The metric `stage:best` ranks by, and whether higher is better.
+KEY_METRICS = {"pretrain": ("eval_loss", False), "sft": ("gold_score", True),
+               "reward": ("eval_accuracy", True), "ppo": ("gold_score", True)}
+STATUSES = ("running", "complete", "failed")
+MANIFEST = "manifest.json"
+PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "wandb", "hydra-core")
+
+
+def default_root() -> str:
+    return os.environ.get("PIPELINE_HOME", "runs")
+
+
+def now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="milliseconds")
+
+
+def config_hash(config: dict) -> str:
+    return hashlib.sha256(json.dumps(config, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def git_sha() -> Optional[str]:
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, timeout=10,
+                             cwd=Path(__file__).resolve().parent)
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() or None
+
+
+def package_versions() -> dict:
+    from importlib.metadata import PackageNotFoundError, version
+    versions = {}
+    for name in PACKAGES:
+        try:
+            versions[name] = version(name)
+        except PackageNotFoundError:
+            pass
+    return versions
+
+
+@dataclass
+class Entry:
+    id: str
+    stage: str
+    status: str
+    path: str
+    parents: list = field(default_factory=list)
+    created_at: str = ""
+    finished_at: Optional[str] = None
+    metrics: dict = field(default_factory=dict)
+    config: dict = field(default_factory=dict)
+    config_hash: str = ""
+    git_sha: Optional[str] = None
+    data_fingerprint: Optional[str] = None
+    tokenizer_fingerprint: Optional[str] = None
+    versions: dict = field(default_factory=dict)
+    pipeline_id: Optional[str] = None
+    # The process that owns a running entry: a rerun resumes it only when that process is gone.
+    host: Optional[str] = None
+    pid: Optional[int] = None
+    note: Optional[str] = None
+
+    def owner_alive(self) -> bool:
+        if self.status != "running" or self.host != socket.gethostname() or not self.pid:
+            return False
+        try:
+            os.kill(self.pid, 0)
+        except ProcessLookupError:
+            return False
+        except PermissionError:
+            return True
+        return True
+
+
+@dataclass
+class Resolved:
+    """What a reference points to: a directory or hub id to load, and the registry entry if there is one."""
+    path: str
+    entry: Optional[Entry] = None
+
+
+_COLUMNS = [f for f in Entry.__dataclass_fields__]
+_JSON_COLUMNS = {"parents", "metrics", "config", "versions"}
+
+
+class Registry:
+    def __init__(self, root: str | os.PathLike | None = None):
+        self.root = Path(root or default_root()).resolve()
+        self.db_path = self.root / "registry.db"
+
+    # --- storage -------------------------------------------------------------------------------
+    def _connect(self) -> sqlite3.Connection:
+        self.root.mkdir(parents=True, exist_ok=True)
+        con = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
+        con.execute("PRAGMA busy_timeout = 60000")
+        con.execute("PRAGMA journal_mode = WAL")
+        cols = ", ".join(f"{c} TEXT" if c != "id" else "id TEXT PRIMARY KEY" for c in _COLUMNS)
+        con.execute(f"CREATE TABLE IF NOT EXISTS entries ({cols})")
+        return con
+
+    @staticmethod
+    def _row(entry: Entry) -> list:
+        d = asdict(entry)
+        return [json.dumps(d[c]) if c in _JSON_COLUMNS else (None if d[c] is None else str(d[c]))
+                for c in _COLUMNS]
+
+    @staticmethod
+    def _entry(row) -> Entry:
+        d = dict(zip(_COLUMNS, row))
+        for c in _JSON_COLUMNS:
+            d[c] = json.loads(d[c]) if d[c] else ({} if c != "parents" else [])
+        d["pid"] = int(d["pid"]) if d["pid"] else None
+        return Entry(**d)
+
+    def _write(self, entry: Entry) -> None:
+        """Write the manifest first, then the index row, so the index never names a missing manifest."""
+        path = Path(entry.path)
+        path.mkdir(parents=True, exist_ok=True)
+        tmp = path / f".{MANIFEST}.{uuid.uuid4().hex}"
+        tmp.write_text(json.dumps(asdict(entry), indent=2, default=str))
+        os.replace(tmp, path / MANIFEST)
+        con = self._connect()
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute(f"INSERT OR REPLACE INTO entries VALUES ({', '.join('?' * len(_COLUMNS))})",
+                        self._row(entry))
+            con.execute("COMMIT")
+        finally:
+            con.close()
+
+    # --- writing -------------------------------------------------------------------------------
+    def create(self, stage: str, config: dict, parents: list[str] | None = None, cfg_hash: str | None = None,
+               **fields) -> Entry:
+        if stage not in STAGES:
+            raise ValueError(f"unknown stage {stage!r}")
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        entry_id = f"{stage}-{stamp}-{uuid.uuid4().hex[:6]}"
+        entry = Entry(id=entry_id, stage=stage, status="running", path=str(self.root / "checkpoints" / entry_id),
+                      parents=list(parents or []), created_at=now(), config=config,
+                      config_hash=cfg_hash or config_hash(config), git_sha=git_sha(), versions=package_versions(),
+                      pipeline_id=os.environ.get("PIPELINE_ID"), host=socket.gethostname(), pid=os.getpid(),
+                      **fields)
+        self._write(entry)
+        return entry
+
+    def update(self, entry: Entry, **changes) -> Entry:
+        for k, v in changes.items():
+            setattr(entry, k, v)
+        self._write(entry)
+        return entry
+
+    def claim(self, entry: Entry) -> Entry:
+        """Take over an unfinished entry to resume it in this process."""
+        return self.update(entry, status="running", host=socket.gethostname(), pid=os.getpid(), finished_at=None)
+
+    def complete(self, entry: Entry, metrics: dict) -> Entry:
+        return self.update(entry, status="complete", metrics={**entry.metrics, **metrics}, finished_at=now())
+
+    def fail(self, entry: Entry, note: str) -> Entry:
+        return self.update(entry, status="failed", note=note[:2000], finished_at=now())
+
+    # --- reading -------------------------------------------------------------------------------
+    def entries(self, stage: str | None = None) -> list[Entry]:
+        if not self.db_path.exists():
+            return []
+        con = self._connect()
+        try:
+            if stage:
+                rows = con.execute("SELECT * FROM entries WHERE stage = ? ORDER BY created_at", (stage,))
+            else:
+                rows = con.execute("SELECT * FROM entries ORDER BY created_at")
+            return [self._entry(r) for r in rows.fetchall()]
+        finally:
+            con.close()
+
+    def get(self, entry_id: str) -> Optional[Entry]:
+        return next((e for e in self.entries() if e.id == entry_id), None)
+
+    def find_resumable(self, stage: str, cfg_hash: str) -> Optional[Entry]:
+        """The newest unfinished entry of this stage and config whose process is gone."""
+        for e in reversed(self.entries(stage)):
+            if e.config_hash == cfg_hash and e.status in ("running", "failed") and not e.owner_alive():
+                return e
+        return None
+
+    def resolve(self, ref: str) -> Resolved:
+        """Turn a reference into something to load; raise PipelineError naming the remedy if nothing matches."""
+        stage, _, which = ref.partition(":")
+        if stage in STAGES and which in ("", "latest", "best"):
+            done = [e for e in self.entries(stage) if e.status == "complete"]
+            if not done:
+                raise PipelineError(
+                    f"no complete '{stage}' checkpoint in the registry at {self.root}. "
+                    f"Run `make {stage}` first, or point to a model directly (init_from=PATH_OR_HUB_ID).")
+            if which == "best":
+                key, higher = KEY_METRICS[stage]
+                scored = [e for e in done if key in e.metrics]
+                if not scored:
+                    raise PipelineError(f"no complete '{stage}' entry records {key}, so '{ref}' has no best")
+                best = max(scored, key=lambda e: e.metrics[key] if higher else -e.metrics[key])
+                return Resolved(best.path, best)
+            latest = max(done, key=lambda e: (e.finished_at or "", e.created_at))
+            return Resolved(latest.path, latest)
+        entry = self.get(ref)
+        if entry is None and Path(ref).is_dir():
+            manifest = Path(ref) / MANIFEST
+            if manifest.exists():
+                entry = self.get(json.loads(manifest.read_text())["id"])
+            if entry is None:
+                return Resolved(str(Path(ref).resolve()))
+        if entry is not None:
+            if entry.status != "complete":
+                raise PipelineError(f"checkpoint {entry.id} is {entry.status}, not complete, so it cannot be "
+                                    f"used as input; rerun its stage (`make {entry.stage}`) to finish it")
+            return Resolved(entry.path, entry)
+        if looks_like_hub_id(ref):
+            return Resolved(ref)
+        raise PipelineError(f"'{ref}' is neither a stage reference ({', '.join(STAGES)}[:latest|:best]), "
+                            f"an entry id in the registry at {self.root}, an existing directory, nor a hub id")
+
+    def lineage(self, ref: str) -> list[Entry]:
+        """The entry and all its ancestors, nearest first."""
+        start = self.resolve_any(ref)
+        out, todo, seen = [], [start], set()
+        while todo:
+            e = todo.pop(0)
+            if e.id in seen:
+                continue
+            seen.add(e.id)
+            out.append(e)
+            todo.extend(p for p in (self.get(i) for i in e.parents) if p is not None)
+        return out
+
+    def resolve_any(self, ref: str) -> Entry:
+        """Like resolve, but for inspection: an entry id in any status is fine."""
+        entry = self.get(ref)
+        if entry is None:
+            entry = self.resolve(ref).entry
+        if entry is None:
+            raise PipelineError(f"'{ref}' is not in the registry at {self.root}")
+        return entry
+
+    # --- maintenance ---------------------------------------------------------------------------
+    def rebuild(self) -> int:
+        """Recreate the index from the manifests in the checkpoint directories."""
+        manifests = sorted((self.root / "checkpoints").glob(f"*/{MANIFEST}"))
+        entries = [Entry(**json.loads(m.read_text())) for m in manifests]
+        con = self._connect()
+        try:
+            con.execute("BEGIN IMMEDIATE")
+            con.execute("DELETE FROM entries")
+            con.executemany(f"INSERT INTO entries VALUES ({', '.join('?' * len(_COLUMNS))})",
+                            [self._row(e) for e in entries])
+            con.execute("COMMIT")
+        finally:
+            con.close()
+        return len(entries)
+
+
+def looks_like_hub_id(ref: str) -> bool:
+    """`org/name` (optionally a bare name) that is not a local path."""
+    parts = ref.split("/")
+    return (0 < len(parts) <= 2 and all(parts) and not ref.startswith((".", "~"))
+            and not Path(ref).exists() and all(c.isalnum() or c in "-_." for c in ref.replace("/", "")))
+
+
+# --- CLI ---------------------------------------------------------------------------------------
+
+def _summary(e: Entry) -> str:
+    key = KEY_METRICS.get(e.stage, ("", True))[0]
+    metric = f"{key}={e.metrics[key]:.4g}" if key in e.metrics else ""
+    parents = ",".join(e.parents) or "-"
+    return f"{e.id:40} {e.status:9} {metric:22} parents={parents}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="python -m pipeline.registry", description=__doc__.split("\n\n")[0])
+    ap.add_argument("--root", default=None, help="registry root (default: $PIPELINE_HOME or runs/)")
+    sub = ap.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("list", help="list entries")
+    p.add_argument("--stage", choices=STAGES)
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("show", help="one entry in full")
+    p.add_argument("ref")
+    p.add_argument("--json", action="store_true")
+    p = sub.add_parser("lineage", help="an entry and its ancestors")
+    p.add_argument("ref")
+    p.add_argument("--json", action="store_true")
+    sub.add_parser("rebuild", help="recreate the index from the checkpoint manifests")
+    args = ap.parse_args(argv)
+    reg = Registry(args.root)
+    try:
+        if args.command == "list":
+            entries = reg.entries(args.stage)
+            if args.json:
+                print(json.dumps([asdict(e) for e in entries], indent=2))
+            else:
+                print("\n".join(_summary(e) for e in entries) or f"no entries in {reg.root}")
+        elif args.command == "show":
+            e = reg.resolve_any(args.ref)
+            print(json.dumps(asdict(e), indent=2) if args.json else
+                  "\n".join(f"{k:22} {json.dumps(v) if isinstance(v, (dict, list)) else v}"
+                            for k, v in asdict(e).items() if k != "config"))
+        elif args.command == "lineage":
+            chain = reg.lineage(args.ref)
+            if args.json:
+                print(json.dumps([asdict(e) for e in chain], indent=2))
+            else:
+                for depth, e in enumerate(chain):
+                    print("  " * depth + ("└─ " if depth else "") + _summary(e))
+        elif args.command == "rebuild":
+            print(f"rebuilt the index of {reg.root} from {reg.rebuild()} manifests")
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,156 @@
+"""What every stage does around its training: validate the config, open (or resume) its registry entry on
+the main process and tell the other ranks, mark the entry complete or failed, and report errors clearly.
+"""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import sys
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Optional
+
+import torch
+from omegaconf import DictConfig, OmegaConf
+from transformers import TrainerCallback
+
+from pipeline import tracking
+from pipeline.config import validate
+from pipeline.errors import PipelineError
+from pipeline.registry import Entry, Registry, config_hash
+
+# Settings that do not change what a run computes: a rerun that differs only in these resumes.
+NOT_HASHED = ("resume", "logging")
+
+
+@dataclass
+class StageRun:
+    """Everything a stage's body needs: its typed config, registry entry, and distributed state."""
+    stage: str
+    cfg: object  # the stage's typed config dataclass
+    config: dict  # the resolved config as plain data (saved with the checkpoint)
+    registry: Registry
+    entry: Entry
+    state: object  # accelerate.PartialState
+    resume_from: Optional[str]  # trainer checkpoint to resume from
+    report_to: str
+
+    @property
+    def is_main(self) -> bool:
+        return self.state.is_main_process
+
+    @property
+    def trainer_dir(self) -> Path:
+        return Path(self.entry.path) / "trainer"
+
+    @property
+    def cache_dir(self) -> Path:
+        return self.registry.root / "cache"
+
+    def log(self, msg: str) -> None:
+        if self.is_main:
+            print(f"[{self.stage}] {msg}", flush=True)
+
+    def record(self, **metrics) -> None:
+        """Store metrics in the entry while the run goes on (e.g. the loss before training, kept for a resume)."""
+        self.entry.metrics.update(metrics)
+        if self.is_main:
+            self.registry.update(self.entry, metrics=self.entry.metrics)
+
+
+def last_trainer_checkpoint(trainer_dir: Path) -> Optional[str]:
+    """The newest trainer checkpoint that was written completely (a kill can leave one half-written)."""
+    if not trainer_dir.is_dir():
+        return None
+    ckpts = sorted((p for p in trainer_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for p in ckpts:
+        if (p / "trainer_state.json").exists() and (p / "model.safetensors").exists():
+            return str(p)
+    return None
+
+
+class StopOnNonFiniteLoss(TrainerCallback):
+    """Stop at the first logged NaN/inf loss; the last trainer checkpoint stays as it was."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        loss = (logs or {}).get("loss")
+        if loss is not None and not math.isfinite(loss):
+            raise PipelineError(f"the training loss became {loss} at step {state.global_step}; lower "
+                                f"trainer.learning_rate or check the data. The last good trainer checkpoint "
+                                f"is kept in {args.output_dir}")
+
+
+def _open_entry(stage: str, cfg, config: dict, parents: list[str], registry: Registry, state):
+    """On the main process: resume the unfinished entry of the same command, or create a new one."""
+    if not state.is_main_process:
+        return None, None
+    h = config_hash({"config": {k: v for k, v in config.items() if k not in NOT_HASHED}, "parents": parents})
+    if cfg.resume == "auto":
+        old = registry.find_resumable(stage, h)
+        if old is not None:
+            ckpt = last_trainer_checkpoint(Path(old.path) / "trainer")
+            if ckpt:
+                return registry.claim(old), ckpt
+            registry.fail(old, "abandoned: it left no trainer checkpoint to resume from")
+    return registry.create(stage, config, parents, cfg_hash=h), None
+
+
+def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
+              parents: Callable[[object, Registry], list[str]] = lambda cfg, reg: []) -> dict:
+    """Run a stage body under its registry entry; a PipelineError ends the process with its message and exit 2."""
+    from accelerate import PartialState
+    from accelerate.utils import broadcast_object_list
+
+    entry = None
+    registry = None
+    state = None
+    try:
+        typed = validate(cfg)
+        config = OmegaConf.to_container(cfg, resolve=True)
+        registry = Registry(typed.registry.root)
+        state = PartialState(cpu=not torch.cuda.is_available())  # gloo across CPU processes
+        tracking.wandb_dirs(registry.root) if typed.logging.backend == "wandb" else None
+        parent_ids = parents(typed, registry)
+        entry, resume_from = _open_entry(stage, typed, config, parent_ids, registry, state)
+        shared = [entry, resume_from]
+        if state.num_processes > 1:
+            broadcast_object_list(shared)  # the other ranks learn the entry from the main process
+        entry, resume_from = shared
+        if state.is_main_process:
+            (Path(entry.path) / "pipeline_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            if resume_from:
+                print(f"[{stage}] Resuming {entry.id} from {resume_from}", flush=True)
+            else:
+                print(f"[{stage}] New entry {entry.id} at {entry.path}", flush=True)
+        report_to = tracking.start_run(typed.logging, stage, entry, config, registry.root) \
+            if state.is_main_process else "none"
+        run = StageRun(stage, typed, config, registry, entry, state, resume_from, report_to)
+        metrics = body(run)
+        if state.is_main_process:
+            registry.complete(entry, metrics)
+            if not typed.registry.keep_trainer_checkpoints:
+                shutil.rmtree(run.trainer_dir, ignore_errors=True)
+            print(f"[{stage}] Complete: {entry.id}", flush=True)
+            print(f"[{stage}] Metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                                   for k, v in sorted(metrics.items())), flush=True)
+        tracking.finish_run()
+        return metrics
+    except PipelineError as e:
+        _fail(registry, entry, state, str(e))
+        print(f"error: {e}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except BaseException as e:
+        _fail(registry, entry, state, "".join(traceback.format_exception_only(e)).strip() or type(e).__name__)
+        raise
+
+
+def _fail(registry, entry, state, note: str) -> None:
+    if entry is not None and state is not None and state.is_main_process:
+        try:
+            registry.fail(entry, note)
+        except Exception:
+            pass
+    tracking.finish_run()

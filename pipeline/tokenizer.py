@@ -1,0 +1,72 @@
+"""Tokenizers: a byte-level BPE trained on the corpus for models from scratch, or a given model's own,
+both given what the later stages need: pad != eos, chat markers and a chat template whose end-of-turn
+marker is the eos token (so generation, PPO's stop token and its missing-EOS penalty agree).
+"""
+from __future__ import annotations
+
+import hashlib
+
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+from transformers import AutoTokenizer, PreTrainedTokenizerFast
+
+from pipeline.errors import PipelineError
+
+EOS = "<|endoftext|>"
+PAD = "<|pad|>"
+CHAT_MARKERS = ["<|system|>", "<|user|>", "<|assistant|>"]
+
+# The assistant's turn, end-of-turn eos included, sits inside {% generation %} so that TRL's
+# assistant-only loss trains the model to stop.
+CHAT_TEMPLATE = (
+    "{% for message in messages %}"
+    "{% if message['role'] not in ['system', 'user', 'assistant'] %}"
+    "{{ raise_exception('unknown role ' + message['role'] + '; expected system, user or assistant') }}"
+    "{% endif %}"
+    "{% if message['role'] == 'assistant' %}"
+    "<|assistant|>{% generation %}{{ message['content'] }}{{ eos_token }}{% endgeneration %}"
+    "{% else %}<|{{ message['role'] }}|>{{ message['content'] }}{{ eos_token }}{% endif %}"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}<|assistant|>{% endif %}"
+)
+
+
+def train_bpe(texts: list[str], vocab_size: int, model_max_length: int) -> PreTrainedTokenizerFast:
+    """A byte-level BPE (any text encodes, nothing is unknown) with the pipeline's special tokens."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS, PAD, *CHAT_MARKERS],
+                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet(), show_progress=True)
+    bpe.train_from_iterator(texts, trainer, length=len(texts))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, bos_token=EOS, eos_token=EOS, pad_token=PAD,
+                                  model_max_length=model_max_length)
+    tok.chat_template = CHAT_TEMPLATE
+    return tok
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    try:
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise PipelineError(f"cannot load a tokenizer from '{name_or_path}': {e}") from None
+
+
+def add_pipeline_tokens(tok) -> int:
+    """Give a model's own tokenizer a pad token distinct from eos and a chat template, if it lacks them.
+
+    Returns how many tokens were added (the model's embeddings must grow by as many).
+    """
+    added = 0
+    if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+        added += tok.add_special_tokens({"pad_token": PAD})
+    if not tok.chat_template:
+        added += tok.add_special_tokens({"additional_special_tokens": CHAT_MARKERS})
+        tok.chat_template = CHAT_TEMPLATE
+    return added
+
+
+def tokenizer_fingerprint(tok) -> str:
+    """Identical for tokenizers that split text the same way and share special tokens and chat template."""
+    h = hashlib.sha256(tok.backend_tokenizer.to_str().encode())
+    h.update(f"{tok.eos_token}|{tok.pad_token}|{tok.chat_template}".encode())
+    return h.hexdigest()[:16]

@@ -1,0 +1,43 @@
+"""Experiment tracking with wandb: one group per pipeline run, job_type = stage, run name = entry id.
+
+Online when the user is logged in (WANDB_API_KEY), otherwise offline files under the registry root.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from pipeline.config import LoggingConfig
+
+
+def wandb_dirs(root: Path) -> None:
+    """Keep every file wandb writes (runs, cache, settings) under the registry root."""
+    for var, sub in (("WANDB_DIR", "wandb"), ("WANDB_CACHE_DIR", "wandb/cache"),
+                     ("WANDB_CONFIG_DIR", "wandb/config"), ("WANDB_DATA_DIR", "wandb/data")):
+        os.environ.setdefault(var, str(root / sub))
+        Path(os.environ[var]).mkdir(parents=True, exist_ok=True)
+
+
+def start_run(cfg: LoggingConfig, stage: str, entry, config: dict, root: Path) -> str:
+    """Start this stage's wandb run (main process only); return the Trainer's `report_to` value."""
+    if cfg.backend == "none":
+        return "none"
+    wandb_dirs(root)
+    if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
+        os.environ["WANDB_MODE"] = "offline"
+    import wandb
+
+    run = wandb.init(project=cfg.project, group=os.environ.get("PIPELINE_ID") or entry.id, job_type=stage,
+                     name=entry.id, id=entry.id, resume="allow", dir=os.environ["WANDB_DIR"],
+                     config={**config, "registry": {"entry_id": entry.id, "parents": entry.parents}})
+    if run.settings.mode == "offline" or os.environ.get("WANDB_MODE") == "offline":
+        print(f"wandb is offline (no WANDB_API_KEY); sync later with: wandb sync {run.dir.rsplit('/files', 1)[0]}")
+    return "wandb"
+
+
+def finish_run() -> None:
+    import sys
+    if "wandb" in sys.modules:
+        import wandb
+        if wandb.run is not None:
+            wandb.finish()

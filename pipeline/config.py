@@ -10,7 +10,7 @@ from dataclasses import dataclass, field
 from typing import Optional
 
 from hydra.core.config_store import ConfigStore
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline.errors import PipelineError
 
@@ -30,7 +30,8 @@ class RegistryConfig:
 @dataclass
 class ModelConfig:
     # Hub id or local Hugging Face directory to start from; null builds a fresh Llama from the fields below.
-    name_or_path: Optional[str] = None
+    # Every model preset sets it (null or a name), so that model=hub without a name is caught as missing.
+    name_or_path: Optional[str] = MISSING
     # Llama architecture of a model built from scratch (ignored when name_or_path is set).
     hidden_size: int = 256
     num_layers: int = 4
@@ -65,8 +66,8 @@ class TokenizerConfig:
 class CorpusConfig:
     # Where the text comes from: demo (generated), file (.txt/.jsonl/.parquet), hub (a dataset id).
     kind: str = "demo"
-    # Local file for kind=file, dataset id for kind=hub.
-    path: Optional[str] = None
+    # Local file for kind=file, dataset id for kind=hub (every data preset sets it, null for the demo).
+    path: Optional[str] = MISSING
     # Column holding the text in .jsonl/.parquet files and hub datasets.
     text_field: str = "text"
     # Hub dataset configuration name and split.
@@ -167,6 +168,10 @@ def register_schemas() -> None:
 
 def validate(cfg: DictConfig):
     """Build the typed config object from a composed config, naming the key at fault if it is wrong."""
+    missing = sorted(OmegaConf.missing_keys(cfg))
+    if missing:
+        raise PipelineError(f"missing value for {', '.join(missing)}: set it on the command line, "
+                            f"e.g. ARGS=\"{missing[0]}=...\"")
     try:
         return OmegaConf.to_object(cfg)
     except (ValueError, TypeError) as e:

@@ -50,6 +50,8 @@ def load_table(path: str, required: tuple[str, ...], cache_dir: Path, *, sample_
         file = Path(path)
         if not file.is_file():
             raise PipelineError(f"data file not found: {file.resolve()}")
+        if file.stat().st_size == 0:
+            raise PipelineError(f"{file} is empty: no text to train on")
         kind = FILE_KINDS.get(file.suffix)
         if kind is None:
             raise PipelineError(f"{file}: unsupported file type '{file.suffix}'; use one of {sorted(FILE_KINDS)}")

@@ -1,11 +1,14 @@
 """Models: a Llama built from a config preset, or a pretrained model from a hub id or local directory."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
 from pipeline.config import ModelConfig
 from pipeline.errors import PipelineError
+from pipeline.registry import looks_like_hub_id
 
 
 def build_llama(cfg: ModelConfig, tokenizer, max_positions: int) -> LlamaForCausalLM:
@@ -28,7 +31,14 @@ def build_llama(cfg: ModelConfig, tokenizer, max_positions: int) -> LlamaForCaus
     return LlamaForCausalLM(config)
 
 
+def check_model_source(name_or_path: str) -> None:
+    """A local directory must exist; anything else is taken as a hub id."""
+    if not looks_like_hub_id(name_or_path) and not Path(name_or_path).is_dir():
+        raise PipelineError(f"model directory not found: {Path(name_or_path).resolve()}")
+
+
 def load_causal_lm(name_or_path: str, trust_remote_code: bool = False, dtype=torch.float32):
+    check_model_source(name_or_path)
     try:
         return AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
                                                     dtype=dtype, use_safetensors=True)

@@ -45,6 +45,8 @@ def train_bpe(texts: list[str], vocab_size: int, model_max_length: int) -> PreTr
 
 
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from pipeline.models import check_model_source
+    check_model_source(name_or_path)
     try:
         return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as e:

@@ -13,13 +13,16 @@ ARGS ?=
 NPROC ?= 1
 ACCELERATE_CONFIG ?=
 
+# accelerate gives each process one CPU thread unless told otherwise: share the cores out.
+THREADS := $(shell n=$$(( $$(nproc) / $(NPROC) )); echo $$(( n > 0 ? n : 1 )))
+
 ifeq ($(ACCELERATE_CONFIG),)
   ifeq ($(NPROC),1)
     LAUNCH_FLAGS := --num_processes 1
   else
     LAUNCH_FLAGS := --multi_gpu --num_processes $(NPROC)
   endif
-  LAUNCH_FLAGS += --num_machines 1 --mixed_precision no --dynamo_backend no
+  LAUNCH_FLAGS += --num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process $(THREADS)
 else
   LAUNCH_FLAGS := --config_file $(ACCELERATE_CONFIG) $(if $(filter command line environment,$(origin NPROC)),--num_processes $(NPROC))
 endif

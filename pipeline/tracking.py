@@ -12,7 +12,8 @@ from pipeline.config import LoggingConfig
 
 def wandb_dirs(root: Path) -> None:
     """Keep every file wandb writes (runs, cache, settings) under the registry root."""
-    for var, sub in (("WANDB_DIR", "wandb"), ("WANDB_CACHE_DIR", "wandb/cache"),
+    # wandb puts its run folders in a "wandb" folder inside WANDB_DIR
+    for var, sub in (("WANDB_DIR", "."), ("WANDB_CACHE_DIR", "wandb/cache"),
                      ("WANDB_CONFIG_DIR", "wandb/config"), ("WANDB_DATA_DIR", "wandb/data")):
         os.environ.setdefault(var, str(root / sub))
         Path(os.environ[var]).mkdir(parents=True, exist_ok=True)

@@ -113,6 +113,7 @@ def pretrain(run: StageRun) -> dict:
     # --- a plain Hugging Face directory: model, tokenizer and generation config, safetensors only
     trainer.save_model(run.entry.path)
     if run.is_main:
+        (Path(run.entry.path) / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is saved as YAML
         tok.save_pretrained(run.entry.path)
         run.registry.update(run.entry, data_fingerprint=fingerprint(train_docs),
                             tokenizer_fingerprint=tokenizer_fingerprint(tok))

@@ -1,0 +1,36 @@
+"""Shared helpers: run the project's real commands against a temporary registry, never the network."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+PY = sys.executable
+
+
+def env_for(home: Path, **extra) -> dict:
+    env = dict(os.environ)
+    env.update(PIPELINE_HOME=str(home), WANDB_MODE="offline", HF_HUB_OFFLINE="1", HF_DATASETS_OFFLINE="1",
+               PYTHONUNBUFFERED="1", **extra)
+    env.pop("PIPELINE_ID", None)
+    return env
+
+
+def make(target: str, home: Path, args: str = "", timeout: int = 600, **kw) -> subprocess.CompletedProcess:
+    """`make TARGET ARGS="..."` in the project root, with the registry under home."""
+    cmd = ["make", "--no-print-directory", target, f"ARGS={args}"] + [f"{k}={v}" for k, v in kw.items()]
+    return subprocess.run(cmd, cwd=ROOT, env=env_for(home), capture_output=True, text=True, timeout=timeout)
+
+
+def registry_entries(home: Path, stage: str | None = None) -> list[dict]:
+    cmd = [PY, "-m", "pipeline.registry", "list", "--json"] + (["--stage", stage] if stage else [])
+    out = subprocess.run(cmd, cwd=ROOT, env=env_for(home), capture_output=True, text=True, check=True)
+    return json.loads(out.stdout)
+
+
+@pytest.fixture
+def home(tmp_path) -> Path:
+    return tmp_path / "runs"

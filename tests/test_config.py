@@ -1,0 +1,70 @@
+"""Every shipped config composes and validates; bad keys, types and values are refused by name."""
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+from hydra.errors import ConfigCompositionException
+
+from pipeline.config import register_schemas, validate
+from pipeline.errors import PipelineError
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+PRIMARY = ["pretrain"]
+# Options that need a value the user supplies.
+REQUIRED = {("model", "hub"): ["model.name_or_path=org/model"], ("data", "local"): ["data.path=corpus.txt"]}
+
+register_schemas()
+
+
+def compose_cfg(name, overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return compose(config_name=name, overrides=list(overrides))
+
+
+def group_options():
+    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name != "accelerate"):
+        for option in sorted(group.glob("*.yaml")):
+            yield group.name, option.stem
+
+
+@pytest.mark.parametrize("primary", PRIMARY)
+@pytest.mark.parametrize("group,option", list(group_options()))
+def test_every_shipped_config_composes_and_validates(primary, group, option):
+    cfg = validate(compose_cfg(primary, [f"{group}={option}", *REQUIRED.get((group, option), [])]))
+    assert cfg.trainer.max_steps > 0
+
+
+def test_ci_experiment_is_micro():
+    cfg = validate(compose_cfg("pretrain", ["experiment=ci"]))
+    demo = validate(compose_cfg("pretrain"))
+    assert cfg.model.hidden_size < demo.model.hidden_size
+    assert cfg.trainer.max_steps < demo.trainer.max_steps
+    assert cfg.logging.backend == "none" and demo.logging.backend == "wandb"
+    # a group chosen on the command line wins over the experiment's choice
+    assert validate(compose_cfg("pretrain", ["experiment=ci", "model=small"])).model.hidden_size == 256
+
+
+@pytest.mark.parametrize("override,match", [
+    ("no_such_key=1", "no_such_key"),
+    ("trainer.no_such=1", "no_such"),
+    ("trainer.max_steps=many", "max_steps"),
+    ("trainer.learning_rate=fast", "learning_rate"),
+])
+def test_unknown_keys_and_wrong_types_are_refused(override, match):
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg("pretrain", [override])
+    assert match in str(e.value) + str(e.value.__cause__)
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["model=hub"], "model.name_or_path"),
+    (["data=local"], "data.path"),
+    (["data.kind=ftp"], "data.kind"),
+    (["data.eval_fraction=0.9"], "eval_fraction"),
+    (["trainer.max_steps=0"], "max_steps"),
+    (["model.num_heads=3"], "num_heads"),
+    (["resume=sometimes"], "resume"),
+])
+def test_bad_values_are_named(overrides, match):
+    with pytest.raises(PipelineError, match=match):
+        validate(compose_cfg("pretrain", overrides))

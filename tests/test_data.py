@@ -1,0 +1,97 @@
+"""Corpus loading from each file kind, clear errors for bad files, packing and the tokenizer."""
+import json
+
+import pandas as pd
+import pytest
+
+from pipeline import demo
+from pipeline.config import CorpusConfig
+from pipeline.data import load_corpus, non_padding_share, pack_into_blocks
+from pipeline.errors import PipelineError
+from pipeline.tokenizer import train_bpe
+
+TEXTS = [f"Story number {i}. " + demo.generate_corpus(1, i)[0] for i in range(60)]
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe(demo.generate_corpus(500, 0), 400, 64)
+
+
+def corpus(path, **kw):
+    return CorpusConfig(kind="file", path=str(path), **kw)
+
+
+def test_text_jsonl_and_parquet_give_the_same_documents(tmp_path):
+    txt = tmp_path / "c.txt"
+    txt.write_text("\n\n".join(TEXTS))
+    jsonl = tmp_path / "c.jsonl"
+    jsonl.write_text("\n".join(json.dumps({"text": t, "id": i}) for i, t in enumerate(TEXTS)))
+    parquet = tmp_path / "c.parquet"
+    pd.DataFrame({"body": TEXTS}).to_parquet(parquet)
+    got = [load_corpus(corpus(txt), 0, tmp_path / "cache"),
+           load_corpus(corpus(jsonl), 0, tmp_path / "cache"),
+           load_corpus(corpus(parquet, text_field="body"), 0, tmp_path / "cache")]
+    for train, held in got:
+        assert len(held) == 1 and train + held != [] and sorted(train + held) == sorted(TEXTS)
+
+
+@pytest.mark.parametrize("content,match", [
+    ('{"text": "ok"}\n{"text": "fine"}\n{"text": broken\n', r"line 3: not valid JSON"),
+    ('{"text": "ok"}\n["a list"]\n', r"line 2: expected a JSON object"),
+    ('{"text": "ok"}\n{"body": "no text"}\n', r"line 2: missing field\(s\) \['text'\]"),
+    ('', "is empty"),
+    ('{"text": ""}\n{"text": "  "}\n', "no text"),
+])
+def test_bad_jsonl_is_named_by_file_and_line(tmp_path, content, match):
+    f = tmp_path / "bad.jsonl"
+    f.write_text(content)
+    with pytest.raises(PipelineError, match=match) as e:
+        load_corpus(corpus(f), 0, tmp_path / "cache")
+    assert "bad.jsonl" in str(e.value)
+
+
+def test_missing_file_wrong_suffix_and_missing_column(tmp_path):
+    with pytest.raises(PipelineError, match="not found"):
+        load_corpus(corpus(tmp_path / "nope.txt"), 0, tmp_path)
+    (tmp_path / "c.csv").write_text("a,b\n")
+    with pytest.raises(PipelineError, match="unsupported file type"):
+        load_corpus(corpus(tmp_path / "c.csv"), 0, tmp_path)
+    pd.DataFrame({"body": TEXTS}).to_parquet(tmp_path / "c.parquet")
+    with pytest.raises(PipelineError, match=r"missing column\(s\) \['text'\]"):
+        load_corpus(corpus(tmp_path / "c.parquet"), 0, tmp_path / "cache")
+
+
+def test_packing_fills_every_block_with_real_tokens(tok):
+    blocks = pack_into_blocks(TEXTS, tok, 64, "test")
+    ids = [t for row in blocks["input_ids"] for t in row]
+    assert all(len(row) == 64 for row in blocks["input_ids"])
+    assert blocks["input_ids"] == blocks["labels"]
+    assert non_padding_share(blocks, tok.pad_token_id) == 1.0
+    stream = [t for text in TEXTS for t in tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
+    assert ids == stream[:len(ids)] and len(stream) - len(ids) < 64 * 2  # only batch tails are dropped
+    assert ids.count(tok.eos_token_id) >= len(ids) // len(stream) * len(TEXTS) - 1
+
+
+def test_too_little_text_for_one_block_is_refused(tok):
+    with pytest.raises(PipelineError, match="shorter than one block"):
+        pack_into_blocks(["Hi."], tok, 64, "tiny")
+
+
+def test_tokenizer_has_what_later_stages_need(tok, tmp_path):
+    assert tok.pad_token_id != tok.eos_token_id
+    tok.save_pretrained(tmp_path)
+    from transformers import AutoTokenizer
+    loaded = AutoTokenizer.from_pretrained(tmp_path)
+    text = demo.generate_corpus(1, 3)[0]
+    assert loaded.decode(loaded(text)["input_ids"]) == text
+    chat = [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": "Hello."}]
+    out = loaded.apply_chat_template(chat, return_dict=True, return_assistant_tokens_mask=True)
+    ids, mask = out["input_ids"], out["assistant_masks"]
+    assert ids[-1] == loaded.eos_token_id and mask[-1] == 1  # the end of turn is the eos, and is trained
+    assigned = [i for i, m in zip(ids, mask) if m]
+    assert loaded.decode(assigned) == "Hello." + loaded.eos_token
+    prompt = loaded.apply_chat_template(chat[:1], tokenize=False, add_generation_prompt=True)
+    assert prompt.endswith("<|assistant|>")
+    with pytest.raises(Exception, match="unknown role"):
+        loaded.apply_chat_template([{"role": "robot", "content": "x"}], tokenize=False)

@@ -1,0 +1,83 @@
+"""The demo task: deterministic generation and a gold judge that tells good responses from bad."""
+import statistics
+
+import pytest
+
+from pipeline import demo
+
+
+def test_generators_are_deterministic_from_the_seed():
+    assert demo.generate_corpus(50, 7) == demo.generate_corpus(50, 7)
+    assert demo.generate_corpus(50, 7) != demo.generate_corpus(50, 8)
+    assert demo.generate_demonstrations(40, 3) == demo.generate_demonstrations(40, 3)
+    assert demo.generate_preferences(40, 3) == demo.generate_preferences(40, 3)
+    assert demo.generate_prompts(40, 3, heldout=True) == demo.generate_prompts(40, 3, heldout=True)
+
+
+def test_corpus_is_a_few_megabytes_of_stories():
+    corpus = demo.generate_corpus(20000, 0)
+    size = sum(map(len, corpus))
+    assert 2e6 < size < 10e6
+    assert all(s.endswith(".") for s in corpus[:100])
+
+
+def test_heldout_prompts_never_appear_in_training_data():
+    heldout = {r["prompt"][0]["content"] for r in demo.generate_prompts(300, 11, heldout=True)}
+    train = {r["messages"][0]["content"] for r in demo.generate_demonstrations(2000, 11)}
+    train |= {r["prompt"][0]["content"] for r in demo.generate_preferences(2000, 11)}
+    train |= {r["prompt"][0]["content"] for r in demo.generate_prompts(2000, 11, heldout=False)}
+    assert len(heldout) > 250 and not heldout & train
+
+
+def test_demonstrations_cover_all_tasks_with_the_flawed_share():
+    rows = demo.generate_demonstrations(2000, 1, flawed_share=0.3)
+    assert {r["task"] for r in rows} == set(demo.TASKS)
+    share = sum(r["flawed"] for r in rows) / len(rows)
+    assert 0.25 < share < 0.35
+    assert all(r["messages"][0]["role"] == "user" and r["messages"][1]["role"] == "assistant" for r in rows)
+
+
+def gold(row):
+    return demo.gold_score(row["messages"][0]["content"], row["messages"][1]["content"])
+
+
+@pytest.mark.parametrize("task", demo.TASKS)
+def test_gold_judge_ranks_correct_above_flawed(task):
+    rows = [r for r in demo.generate_demonstrations(2000, 5) if r["task"] == task]
+    good = [gold(r) for r in rows if not r["flawed"]]
+    bad = [gold(r) for r in rows if r["flawed"]]
+    assert min(good) == 1.0
+    assert max(bad) < 0.9 and statistics.mean(bad) < 0.8
+
+
+def test_gold_judge_prefers_every_chosen_response():
+    for r in demo.generate_preferences(500, 2):
+        p = r["prompt"][0]["content"]
+        assert demo.gold_score(p, r["chosen"][0]["content"]) > demo.gold_score(p, r["rejected"][0]["content"])
+
+
+def test_gold_judge_scores_degenerate_responses_low():
+    for r in demo.generate_prompts(40, 4, heldout=True):
+        p = r["prompt"][0]["content"]
+        assert demo.gold_score(p, "") == 0.0
+        assert demo.gold_score(p, "the the the the the the the the the the") < 0.35
+        looped = " ".join([r["reference"]] * 8)
+        assert demo.gold_score(p, looped) < 0.8
+        assert demo.gold_score(p, r["reference"]) == 1.0
+
+
+def test_gold_judge_specifics():
+    story = demo.render_story(demo.Story("Mia", "fox", "red", "kite", "park", "sad", 3))
+    qa = f"Read the story and answer the question.\n\n{story}\n\nQuestion: What colour was the kite?"
+    assert demo.gold_score(qa, "The kite was red.") == 1.0
+    assert demo.gold_score(qa, "The kite was blue.") == pytest.approx(0.3)
+    assert demo.gold_score(qa, "The kite was red or blue.") == pytest.approx(0.3)
+    feel = qa.replace("What colour was the kite?", "How did Mia feel at the end?")
+    assert demo.gold_score(feel, "Mia felt sad.") == 1.0 and demo.gold_score(feel, "Mia felt happy.") < 0.5
+    senti = "Is this sentence positive or negative?\n\nMia loved the red kite."
+    assert demo.gold_score(senti, "Positive.") == 1.0 and demo.gold_score(senti, "Negative.") < 0.5
+    ask = "Write a short story about Mia, a fox and a red kite."
+    assert demo.gold_score(ask, story) == 1.0
+    assert demo.gold_score(ask, story.replace("red", "green")) < 0.8
+    assert demo.gold_score(ask, story[:-1] + " and then") < demo.gold_score(ask, story)
+    assert demo.gold_score("Tell me a joke.", "No.") == 0.0

@@ -1,0 +1,118 @@
+"""The pretraining stage through its real command (`make pretrain`), at micro sizes."""
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pandas as pd
+import pytest
+import torch
+from transformers import AutoModelForCausalLM, AutoTokenizer
+
+from pipeline import demo
+from tests.conftest import ROOT, env_for, make, registry_entries
+
+pytestmark = pytest.mark.slow
+CI = "experiment=ci"
+
+
+def complete(home, stage="pretrain"):
+    return [e for e in registry_entries(home, stage) if e["status"] == "complete"]
+
+
+def test_pretrain_learns_and_registers_a_loadable_checkpoint(home):
+    r = make("pretrain", home, CI)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    [e] = complete(home)
+    m = e["metrics"]
+    assert m["eval_loss"] < 0.8 * m["initial_eval_loss"]  # it learned
+    assert m["perplexity"] == pytest.approx(torch.exp(torch.tensor(m["eval_loss"])).item(), rel=1e-4)
+    assert m["packing_efficiency"] >= 0.99
+    assert e["parents"] == [] and e["config"]["trainer"]["max_steps"] == 40
+    assert e["data_fingerprint"] and e["tokenizer_fingerprint"] and e["versions"]["trl"] == "1.12.0"
+    path = e["path"]
+    assert path.startswith(str(home))
+    assert json.load(open(os.path.join(path, "manifest.json")))["status"] == "complete"
+    assert os.path.exists(os.path.join(path, "pipeline_config.yaml"))
+    assert os.path.exists(os.path.join(path, "model.safetensors"))
+    assert not any(f.endswith((".bin", ".pt")) for f in os.listdir(path))
+    assert not os.path.exists(os.path.join(path, "trainer"))  # trainer checkpoints are cleaned up
+    # transformers alone loads it and generates
+    tok = AutoTokenizer.from_pretrained(path)
+    model = AutoModelForCausalLM.from_pretrained(path)
+    assert tok.pad_token_id != tok.eos_token_id and tok.chat_template
+    assert model.generation_config.eos_token_id == tok.eos_token_id
+    x = tok("Once upon a time", return_tensors="pt")
+    y = model.generate(**x, max_new_tokens=8, do_sample=False)
+    assert y.shape[1] > x["input_ids"].shape[1]
+    assert "[pretrain] Complete" in r.stdout and "non-padding share 1.0000" in r.stdout
+
+
+def test_own_text_in_each_file_format(home, tmp_path):
+    texts = demo.generate_corpus(300, 9)
+    files = {"txt": tmp_path / "c.txt", "jsonl": tmp_path / "c.jsonl", "parquet": tmp_path / "c.parquet"}
+    files["txt"].write_text("\n\n".join(texts))
+    files["jsonl"].write_text("\n".join(json.dumps({"text": t}) for t in texts))
+    pd.DataFrame({"text": texts}).to_parquet(files["parquet"])
+    for kind, f in files.items():
+        r = make("pretrain", home, f"{CI} data=local data.path={f} trainer.max_steps=10")
+        assert r.returncode == 0, kind + r.stdout[-1500:] + r.stderr[-1500:]
+    entries = complete(home)
+    assert [e["config"]["data"]["path"] for e in entries] == [str(f) for f in files.values()]
+    assert len({e["data_fingerprint"] for e in entries}) == 1  # the same documents from each format
+
+
+@pytest.mark.parametrize("args,expect", [
+    ("no_such_key=1", "no_such_key"),
+    ("trainer.max_steps=many", "max_steps"),
+    ("data=local data.path=/no/such/corpus.jsonl", "data file not found: /no/such/corpus.jsonl"),
+    ("data=local data.path={bad}", "bad.jsonl, line 3"),
+    ("data=local data.path={empty}", "empty.txt is empty"),
+    ("model=hub", "missing value for model.name_or_path"),
+])
+def test_bad_input_is_refused_clearly(home, tmp_path, args, expect):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"text": "a fine line"}\n{"text": "another"}\n{"text": broken\n{"text": "last"}\n')
+    empty = tmp_path / "empty.txt"
+    empty.write_text("")
+    r = make("pretrain", home, f"{CI} " + args.format(bad=bad, empty=empty))
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert expect in out
+    assert "Traceback" not in out
+    assert not complete(home)
+
+
+def test_two_processes_make_one_entry(home):
+    r = make("pretrain", home, CI, NPROC=2)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    entries = registry_entries(home)
+    assert len(entries) == 1 and entries[0]["status"] == "complete"
+    assert entries[0]["metrics"]["eval_loss"] < entries[0]["metrics"]["initial_eval_loss"]
+
+
+def test_killed_run_resumes_and_never_resolves_as_latest(home):
+    args = f"{CI} trainer.max_steps=3000 trainer.save_steps=50 trainer.logging_steps=500"
+    cmd = ["make", "--no-print-directory", "pretrain", f"ARGS={args}"]
+    p = subprocess.Popen(cmd, cwd=ROOT, env=env_for(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                         start_new_session=True)
+    deadline = time.time() + 300
+    while time.time() < deadline and not list(home.glob("checkpoints/*/trainer/checkpoint-*/trainer_state.json")):
+        time.sleep(0.5)
+    os.killpg(p.pid, signal.SIGKILL)
+    p.wait()
+    [killed] = registry_entries(home)
+    assert killed["status"] == "running"
+    from pipeline.registry import Registry
+    from pipeline.errors import PipelineError
+    with pytest.raises(PipelineError):
+        Registry(home).resolve("pretrain:latest")
+
+    r = make("pretrain", home, args)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"Resuming {killed['id']} from" in r.stdout
+    [e] = registry_entries(home)
+    assert e["id"] == killed["id"] and e["status"] == "complete"
+    assert e["metrics"]["global_step"] == 3000
+    assert Registry(home).resolve("pretrain:latest").entry.id == e["id"]

@@ -251,17 +251,19 @@ class Registry:
         raise PipelineError(f"'{ref}' is neither a stage reference ({', '.join(STAGES)}[:latest|:best]), "
                             f"an entry id in the registry at {self.root}, an existing directory, nor a hub id")
 
-    def lineage(self, ref: str) -> list[Entry]:
-        """The entry and all its ancestors, nearest first."""
+    def lineage(self, ref: str) -> list[tuple[int, Entry]]:
+        """The entry and all its ancestors as (depth, entry), depth first: a parent follows its child."""
+        out: list[tuple[int, Entry]] = []
+
+        def visit(e: Entry, depth: int, path: tuple):
+            out.append((depth, e))
+            for pid in e.parents:
+                parent = self.get(pid)
+                if parent is not None and pid not in path:
+                    visit(parent, depth + 1, path + (pid,))
+
         start = self.resolve_any(ref)
-        out, todo, seen = [], [start], set()
-        while todo:
-            e = todo.pop(0)
-            if e.id in seen:
-                continue
-            seen.add(e.id)
-            out.append(e)
-            todo.extend(p for p in (self.get(i) for i in e.parents) if p is not None)
+        visit(start, 0, (start.id,))
         return out
 
     def resolve_any(self, ref: str) -> Entry:
@@ -337,9 +339,9 @@ def main(argv: list[str] | None = None) -> int:
         elif args.command == "lineage":
             chain = reg.lineage(args.ref)
             if args.json:
-                print(json.dumps([asdict(e) for e in chain], indent=2))
+                print(json.dumps([{"depth": d, **asdict(e)} for d, e in chain], indent=2))
             else:
-                for depth, e in enumerate(chain):
+                for depth, e in chain:
                     print("  " * depth + ("└─ " if depth else "") + _summary(e))
         elif args.command == "rebuild":
             print(f"rebuilt the index of {reg.root} from {reg.rebuild()} manifests")

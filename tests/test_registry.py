@@ -123,7 +123,8 @@ def test_lineage_follows_parents(tmp_path):
     s = finished(reg, "sft", [p.id], gold_score=0.5)
     r = finished(reg, "reward", [s.id], eval_accuracy=0.9)
     o = finished(reg, "ppo", [s.id, r.id], gold_score=0.6)
-    assert [e.id for e in reg.lineage(o.id)] == [o.id, s.id, r.id, p.id]
+    chain = [(d, e.id) for d, e in reg.lineage(o.id)]
+    assert chain == [(0, o.id), (1, s.id), (2, p.id), (1, r.id), (2, s.id), (3, p.id)]
 
 
 def test_cli_list_json_has_the_contract_fields(tmp_path):

@@ -28,7 +28,7 @@ else
 endif
 LAUNCH := $(VENV)/bin/accelerate launch --quiet $(LAUNCH_FLAGS) -m
 
-.PHONY: install pretrain test registry clean-venv
+.PHONY: install pretrain sft test registry clean-venv
 
 install: $(STAMP)
 
@@ -40,6 +40,9 @@ $(STAMP): pyproject.toml Makefile
 
 pretrain: install
 	$(LAUNCH) stages.pretrain $(ARGS)
+
+sft: install
+	$(LAUNCH) stages.sft $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

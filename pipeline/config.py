@@ -7,7 +7,7 @@ the cross-field checks in each `__post_init__`, before any model or data set is 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Optional
+from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -63,28 +63,39 @@ class TokenizerConfig:
 
 
 @dataclass
-class CorpusConfig:
-    # Where the text comes from: demo (generated), file (.txt/.jsonl/.parquet), hub (a dataset id).
+class DataConfig:
+    """Where a stage's examples come from. Each stage reads the fields of its kind of data."""
+    # Where the data comes from: demo (generated), file (.txt/.jsonl/.parquet), hub (a dataset id).
     kind: str = "demo"
     # Local file for kind=file, dataset id for kind=hub (every data preset sets it, null for the demo).
     path: Optional[str] = MISSING
-    # Column holding the text in .jsonl/.parquet files and hub datasets.
+    # Column renames applied after loading, to reach TRL's formats: {instruction: prompt, output: completion}.
+    rename: Dict[str, str] = field(default_factory=dict)
+    # Column holding the text of a pretraining corpus (.jsonl/.parquet files and hub datasets).
     text_field: str = "text"
     # Hub dataset configuration name and split.
     hub_config: Optional[str] = None
     split: str = "train"
-    # How a .txt file is cut into documents: "paragraph" (blank-line separated) or "line".
+    # How a .txt corpus is cut into documents: "paragraph" (blank-line separated) or "line".
     sample_by: str = "paragraph"
-    # Demo corpus size in stories (kind=demo).
+    # Demo sizes: stories in the pretraining corpus; examples (demonstrations, pairs, prompts) for later stages.
     num_documents: int = 20000
-    # Share of documents held out for evaluation (at least one block is always held out).
+    num_examples: int = 8000
+    # Share of demo demonstrations that are flawed (a wrong element or answer, rambling), as real ones are.
+    flawed_share: float = 0.3
+    # Share of rows held out for evaluation (at least one is always held out).
     eval_fraction: float = 0.02
-    # Cap on documents read (null = all); useful for a quick look at a large hub corpus.
-    max_documents: Optional[int] = None
-    # Tokens per training sequence; documents are packed end to end into blocks of this size.
+    # Cap on rows read (null = all); useful for a quick look at a large hub data set.
+    max_rows: Optional[int] = None
+    # Rows with a missing field, an unknown role or an empty response stop the run (false), or are
+    # skipped and counted (true).
+    skip_bad_rows: bool = False
+    # Pretraining: tokens per sequence; documents are packed end to end into blocks of this size.
     block_size: int = 256
-    # Cap on evaluation blocks, to keep evaluation quick.
+    # Cap on evaluation blocks / examples, to keep evaluation quick.
     max_eval_blocks: int = 200
+    # Fine-tuning: longest tokenized example (prompt + response); longer ones are truncated.
+    max_length: int = 512
 
     def __post_init__(self):
         if self.kind not in DATA_KINDS:
@@ -95,6 +106,8 @@ class CorpusConfig:
             raise ValueError(f"data.sample_by must be 'paragraph' or 'line', got {self.sample_by!r}")
         if not 0.0 < self.eval_fraction < 0.5:
             raise ValueError(f"data.eval_fraction must be in (0, 0.5), got {self.eval_fraction}")
+        if not 0.0 <= self.flawed_share <= 1.0:
+            raise ValueError(f"data.flawed_share must be in [0, 1], got {self.flawed_share}")
 
 
 @dataclass
@@ -143,27 +156,74 @@ class LoggingConfig:
 
 
 @dataclass
-class PretrainConfig:
+class PeftConfig:
+    # "none" trains every weight; "lora" trains low-rank adapters (merged into the saved model).
+    method: str = "none"
+    # LoRA rank, scaling (alpha / r) and dropout.
+    r: int = 16
+    alpha: int = 32
+    dropout: float = 0.0
+    # Modules that get adapters; "all-linear" is every linear layer but the output head.
+    target_modules: List[str] = field(default_factory=lambda: ["all-linear"])
+
+    def __post_init__(self):
+        if self.method not in ("none", "lora"):
+            raise ValueError(f"peft.method must be none or lora, got {self.method!r}")
+
+
+@dataclass
+class GenerationEvalConfig:
+    # Held-out prompts generated for and scored by the gold judge (demo) after training, and for the
+    # starting model before it.
+    num_prompts: int = 200
+    max_new_tokens: int = 96
+    # 0 means greedy decoding.
+    temperature: float = 0.0
+    batch_size: int = 50
+
+
+@dataclass
+class StageConfig:
+    """The keys every stage understands (so one ARGS can be passed to every stage)."""
     # Seed for data generation, initialisation and data order.
     seed: int = 0
     # "auto": rerunning the same command resumes its unfinished run; "never": always start afresh.
     resume: str = "auto"
     registry: RegistryConfig = field(default_factory=RegistryConfig)
+    # The architecture of a model built from scratch (pretrain); later stages load `init_from` instead
+    # and read only model.trust_remote_code.
     model: ModelConfig = field(default_factory=ModelConfig)
+    # The BPE trained for a model from scratch (pretrain only).
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
-    data: CorpusConfig = field(default_factory=CorpusConfig)
+    data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # Evaluation by generation on held-out prompts (stages after pretraining).
+    eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
 
     def __post_init__(self):
         if self.resume not in RESUME_MODES:
             raise ValueError(f"resume must be one of {RESUME_MODES}, got {self.resume!r}")
 
 
+@dataclass
+class PretrainConfig(StageConfig):
+    pass
+
+
+@dataclass
+class SFTConfig(StageConfig):
+    # The model to fine-tune: a registry reference (pretrain, pretrain:best, an entry id), a local
+    # Hugging Face directory, or a hub id.
+    init_from: str = "pretrain:latest"
+    peft: PeftConfig = field(default_factory=PeftConfig)
+
+
 def register_schemas() -> None:
     """Make the schemas known to Hydra: each primary config names its schema in its defaults list."""
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
+    cs.store(name="sft_schema", node=SFTConfig)
 
 
 def validate(cfg: DictConfig):

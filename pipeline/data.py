@@ -13,7 +13,7 @@ import datasets
 from datasets import Dataset
 
 from pipeline import demo
-from pipeline.config import CorpusConfig
+from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
 
 FILE_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -72,7 +72,7 @@ def load_table(path: str, required: tuple[str, ...], cache_dir: Path, *, sample_
     return ds
 
 
-def load_corpus(cfg: CorpusConfig, seed: int, cache_dir: Path) -> tuple[list[str], list[str]]:
+def load_corpus(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[list[str], list[str]]:
     """(train documents, eval documents) of a text corpus."""
     if cfg.kind == "demo":
         docs = demo.generate_corpus(cfg.num_documents, seed)
@@ -80,8 +80,8 @@ def load_corpus(cfg: CorpusConfig, seed: int, cache_dir: Path) -> tuple[list[str
         field = "text" if Path(str(cfg.path)).suffix == ".txt" else cfg.text_field
         ds = load_table(cfg.path, (field,), cache_dir, sample_by=cfg.sample_by, split=cfg.split,
                         hub_config=cfg.hub_config, hub=cfg.kind == "hub")
-        if cfg.max_documents:
-            ds = ds.select(range(min(cfg.max_documents, len(ds))))
+        if cfg.max_rows:
+            ds = ds.select(range(min(cfg.max_rows, len(ds))))
         docs = [t.strip() for t in ds[field] if isinstance(t, str) and t.strip()]
     if not docs:
         raise PipelineError(f"the corpus ({cfg.path or 'demo'}) has no text: every document is empty")
@@ -129,3 +129,100 @@ def non_padding_share(blocks: Dataset, pad_token_id: int) -> float:
         total += ids.size
         pad += int((ids == pad_token_id).sum())
     return 1.0 - pad / total
+
+
+# ---------------------------------------------------------------------------------------------
+# Fine-tuning data in TRL's formats
+# ---------------------------------------------------------------------------------------------
+
+ROLES = ("system", "user", "assistant")
+
+
+def _check_messages(messages, field: str, need_assistant: bool) -> str | None:
+    if not isinstance(messages, list) or not messages:
+        return f"'{field}' must be a non-empty list of {{role, content}} messages"
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or "role" not in m or "content" not in m:
+            return f"'{field}' message {i} must have 'role' and 'content'"
+        if m["role"] not in ROLES:
+            return f"'{field}' message {i} has unknown role {m['role']!r} (expected one of {', '.join(ROLES)})"
+        if not isinstance(m["content"], str):
+            return f"'{field}' message {i} content must be text"
+        if m["role"] == "assistant" and not m["content"].strip():
+            return f"'{field}' message {i} is an empty assistant turn"
+    if need_assistant and not any(m["role"] == "assistant" for m in messages):
+        return f"'{field}' has no assistant turn to learn from"
+    return None
+
+
+def sft_row_problem(row: dict) -> str | None:
+    """What is wrong with one fine-tuning row, or None: TRL's `messages` or `prompt`/`completion` formats."""
+    if row.get("messages") is not None:
+        return _check_messages(row["messages"], "messages", need_assistant=True)
+    prompt, completion = row.get("prompt"), row.get("completion")
+    if prompt is None or completion is None:
+        present = sorted(k for k, v in row.items() if v is not None)
+        return f"missing field: expected 'messages', or 'prompt' and 'completion' (found {present})"
+    if isinstance(prompt, str) and isinstance(completion, str):
+        return None if completion.strip() else "empty 'completion'"
+    if isinstance(prompt, list) and isinstance(completion, list):
+        return (_check_messages(prompt, "prompt", need_assistant=False)
+                or _check_messages(completion, "completion", need_assistant=True))
+    return "'prompt' and 'completion' must both be text or both be lists of messages"
+
+
+def clean_rows(rows: list[dict], problem, where: str, skip: bool) -> tuple[list[dict], int]:
+    """Rows without problems; a bad row stops the run (naming its number) unless skip is set."""
+    good, bad = [], []
+    for n, row in enumerate(rows, start=1):
+        p = problem(row)
+        if p is None:
+            good.append(row)
+        elif not skip:
+            raise PipelineError(f"{where}, row {n}: {p}. Fix the row, or set data.skip_bad_rows=true to skip "
+                                f"bad rows.")
+        else:
+            bad.append(n)
+    if bad:
+        print(f"Skipped {len(bad)} bad row(s) of {where} (data.skip_bad_rows=true): rows {bad[:20]}"
+              + (" ..." if len(bad) > 20 else ""))
+    if not good:
+        raise PipelineError(f"{where} has no usable rows")
+    return good, len(bad)
+
+
+def load_rows(cfg: DataConfig, cache_dir: Path) -> tuple[list[dict], str]:
+    """The rows of a local file or hub dataset as dicts, renamed per data.rename, and where they came from."""
+    ds = load_table(cfg.path, (), cache_dir, sample_by=cfg.sample_by, split=cfg.split,
+                    hub_config=cfg.hub_config, hub=cfg.kind == "hub")
+    if cfg.rename:
+        missing = [k for k in cfg.rename if k not in ds.column_names]
+        if missing:
+            raise PipelineError(f"{cfg.path}: data.rename names column(s) {missing} that are not in the data "
+                                f"(columns: {ds.column_names})")
+        ds = ds.rename_columns(dict(cfg.rename))
+    if cfg.max_rows:
+        ds = ds.select(range(min(cfg.max_rows, len(ds))))
+    return ds.to_list(), (f"hub dataset '{cfg.path}'" if cfg.kind == "hub" else str(cfg.path))
+
+
+def split_eval(rows: list, eval_fraction: float, cap: int) -> tuple[list, list]:
+    n_eval = min(cap, max(1, int(len(rows) * eval_fraction)))
+    if len(rows) - n_eval < 1:
+        raise PipelineError(f"only {len(rows)} usable row(s): too few to hold some out for evaluation")
+    return rows[n_eval:], rows[:n_eval]
+
+
+def load_sft_data(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train rows, eval rows) in TRL's conversational or prompt-completion format."""
+    if cfg.kind == "demo":
+        rows = [{"messages": r["messages"]} for r in demo.generate_demonstrations(cfg.num_examples, seed,
+                                                                                  cfg.flawed_share)]
+    else:
+        raw, where = load_rows(cfg, cache_dir)
+        rows, _ = clean_rows(raw, sft_row_problem, where, cfg.skip_bad_rows)
+        keys = ("messages",) if rows[0].get("messages") is not None else ("prompt", "completion")
+        if any((r.get("messages") is not None) != (keys == ("messages",)) for r in rows):
+            raise PipelineError(f"{where} mixes the 'messages' and 'prompt'/'completion' formats; use one")
+        rows = [{k: r[k] for k in keys} for r in rows]
+    return split_eval(rows, cfg.eval_fraction, cfg.max_eval_blocks)

@@ -61,3 +61,13 @@ def match_tokenizer(model, tokenizer) -> None:
 def count_parameters(model) -> int:
     # Tied embeddings are counted once.
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def load_for_finetuning(name_or_path: str, trust_remote_code: bool = False):
+    """(model, tokenizer) from a checkpoint, hub id or directory, with pad != eos and a chat template."""
+    from pipeline.tokenizer import add_pipeline_tokens, load_tokenizer
+    tok = load_tokenizer(name_or_path, trust_remote_code)
+    add_pipeline_tokens(tok)
+    model = load_causal_lm(name_or_path, trust_remote_code)
+    match_tokenizer(model, tok)
+    return model, tok

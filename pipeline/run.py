@@ -17,7 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 from transformers import TrainerCallback
 
 from pipeline import tracking
-from pipeline.config import validate
+from pipeline.config import TrainerConfig, validate
 from pipeline.errors import PipelineError
 from pipeline.registry import Entry, Registry, config_hash
 
@@ -36,6 +36,7 @@ class StageRun:
     state: object  # accelerate.PartialState
     resume_from: Optional[str]  # trainer checkpoint to resume from
     report_to: str
+    inputs: dict  # name -> Resolved: the checkpoints this stage starts from
 
     @property
     def is_main(self) -> bool:
@@ -98,9 +99,51 @@ def _open_entry(stage: str, cfg, config: dict, parents: list[str], registry: Reg
     return registry.create(stage, config, parents, cfg_hash=h), None
 
 
+def trainer_arguments(t: TrainerConfig, run: StageRun) -> dict:
+    """The TrainingArguments every stage shares, from the trainer section of its config."""
+    return dict(
+        output_dir=str(run.trainer_dir),
+        max_steps=t.max_steps,
+        learning_rate=t.learning_rate,
+        lr_scheduler_type=t.lr_scheduler_type,
+        warmup_steps=t.warmup_steps,
+        weight_decay=t.weight_decay,
+        max_grad_norm=t.max_grad_norm,
+        per_device_train_batch_size=t.per_device_train_batch_size,
+        per_device_eval_batch_size=t.per_device_eval_batch_size,
+        gradient_accumulation_steps=t.gradient_accumulation_steps,
+        bf16=t.mixed_precision == "bf16",
+        fp16=t.mixed_precision == "fp16",
+        logging_steps=t.logging_steps,
+        save_strategy="steps",
+        save_steps=t.save_steps,
+        save_total_limit=t.save_total_limit,
+        eval_strategy="no",  # each stage evaluates before and after training, off the hot path
+        dataloader_num_workers=t.dataloader_num_workers,
+        dataloader_pin_memory=torch.cuda.is_available(),
+        use_cpu=not torch.cuda.is_available(),
+        report_to=run.report_to,
+        run_name=run.entry.id,
+        seed=run.cfg.seed,
+        disable_tqdm=False,
+    )
+
+
+def save_hf_directory(trainer, tok, run: StageRun) -> None:
+    """The checkpoint as a plain Hugging Face directory: model, tokenizer, generation config; safetensors only."""
+    trainer.save_model(run.entry.path)
+    if run.is_main:
+        (Path(run.entry.path) / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is YAML
+        tok.save_pretrained(run.entry.path)
+
+
 def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
-              parents: Callable[[object, Registry], list[str]] = lambda cfg, reg: []) -> dict:
-    """Run a stage body under its registry entry; a PipelineError ends the process with its message and exit 2."""
+              inputs: Callable[[object, Registry], dict] = lambda cfg, reg: {}) -> dict:
+    """Run a stage body under its registry entry; a PipelineError ends the process with its message and exit 2.
+
+    `inputs` resolves the checkpoints the stage starts from (before any entry is created, so a missing
+    upstream checkpoint stops the run at once); their registry entries become the new entry's parents.
+    """
     from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
@@ -113,7 +156,8 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
         registry = Registry(typed.registry.root)
         state = PartialState(cpu=not torch.cuda.is_available())  # gloo across CPU processes
         tracking.wandb_dirs(registry.root) if typed.logging.backend == "wandb" else None
-        parent_ids = parents(typed, registry)
+        resolved = inputs(typed, registry)
+        parent_ids = [r.entry.id for r in resolved.values() if r.entry is not None]
         entry, resume_from = _open_entry(stage, typed, config, parent_ids, registry, state)
         shared = [entry, resume_from]
         if state.num_processes > 1:
@@ -127,7 +171,9 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
                 print(f"[{stage}] New entry {entry.id} at {entry.path}", flush=True)
         report_to = tracking.start_run(typed.logging, stage, entry, config, registry.root) \
             if state.is_main_process else "none"
-        run = StageRun(stage, typed, config, registry, entry, state, resume_from, report_to)
+        run = StageRun(stage, typed, config, registry, entry, state, resume_from, report_to, resolved)
+        for name, r in resolved.items():
+            run.log(f"{name}: {r.entry.id if r.entry else r.path} ({r.path})")
         metrics = body(run)
         if state.is_main_process:
             registry.complete(entry, metrics)

@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data
 from pipeline.config import PretrainConfig, register_schemas
 from pipeline.data import fingerprint, load_corpus, non_padding_share, pack_into_blocks
 from pipeline.models import build_llama, count_parameters, load_causal_lm, match_tokenizer
-from pipeline.run import StageRun, StopOnNonFiniteLoss, run_stage
+from pipeline.run import StageRun, StopOnNonFiniteLoss, run_stage, save_hf_directory, trainer_arguments
 from pipeline.tokenizer import add_pipeline_tokens, load_tokenizer, tokenizer_fingerprint, train_bpe
 
 register_schemas()
@@ -70,33 +70,7 @@ def pretrain(run: StageRun) -> dict:
     run.log(f"Model: {count_parameters(model) / 1e6:.2f}M parameters, vocabulary {len(tok)}")
 
     # --- trainer
-    t = cfg.trainer
-    args = TrainingArguments(
-        output_dir=str(run.trainer_dir),
-        max_steps=t.max_steps,
-        learning_rate=t.learning_rate,
-        lr_scheduler_type=t.lr_scheduler_type,
-        warmup_steps=t.warmup_steps,
-        weight_decay=t.weight_decay,
-        max_grad_norm=t.max_grad_norm,
-        per_device_train_batch_size=t.per_device_train_batch_size,
-        per_device_eval_batch_size=t.per_device_eval_batch_size,
-        gradient_accumulation_steps=t.gradient_accumulation_steps,
-        bf16=t.mixed_precision == "bf16",
-        fp16=t.mixed_precision == "fp16",
-        logging_steps=t.logging_steps,
-        save_strategy="steps",
-        save_steps=t.save_steps,
-        save_total_limit=t.save_total_limit,
-        eval_strategy="no",  # evaluated before and after training, off the hot path
-        dataloader_num_workers=t.dataloader_num_workers,
-        dataloader_pin_memory=torch.cuda.is_available(),
-        use_cpu=not torch.cuda.is_available(),
-        report_to=run.report_to,
-        run_name=run.entry.id,
-        seed=cfg.seed,
-        disable_tqdm=False,
-    )
+    args = TrainingArguments(**trainer_arguments(cfg.trainer, run))
     trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
                       data_collator=default_data_collator, processing_class=tok,
                       callbacks=[StopOnNonFiniteLoss()])
@@ -110,14 +84,12 @@ def pretrain(run: StageRun) -> dict:
     eval_loss = trainer.evaluate()["eval_loss"]
     run.log(f"Eval loss after training: {eval_loss:.4f} (perplexity {math.exp(eval_loss):.2f})")
 
-    # --- a plain Hugging Face directory: model, tokenizer and generation config, safetensors only
-    trainer.save_model(run.entry.path)
+    save_hf_directory(trainer, tok, run)
     if run.is_main:
-        (Path(run.entry.path) / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is saved as YAML
-        tok.save_pretrained(run.entry.path)
         run.registry.update(run.entry, data_fingerprint=fingerprint(train_docs),
                             tokenizer_fingerprint=tokenizer_fingerprint(tok))
     steps_run = result.global_step - (int(run.resume_from.rsplit("-", 1)[1]) if run.resume_from else 0)
+    t = cfg.trainer
     tokens = steps_run * t.per_device_train_batch_size * t.gradient_accumulation_steps \
         * run.state.num_processes * cfg.data.block_size
     return {

@@ -2,6 +2,7 @@
 from pathlib import Path
 
 import pytest
+import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 
@@ -9,7 +10,7 @@ from pipeline.config import register_schemas, validate
 from pipeline.errors import PipelineError
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-PRIMARY = ["pretrain"]
+PRIMARY = ["pretrain", "sft"]
 # Options that need a value the user supplies.
 REQUIRED = {("model", "hub"): ["model.name_or_path=org/model"], ("data", "local"): ["data.path=corpus.txt"]}
 
@@ -22,13 +23,21 @@ def compose_cfg(name, overrides=()):
 
 
 def group_options():
-    for group in sorted(p for p in CONF.iterdir() if p.is_dir() and p.name != "accelerate"):
-        for option in sorted(group.glob("*.yaml")):
-            yield group.name, option.stem
+    """(primary, group, option) for every option of every group a primary config uses."""
+    for primary in PRIMARY:
+        defaults = yaml.safe_load((CONF / f"{primary}.yaml").read_text())["defaults"]
+        for group in sorted(k for d in defaults if isinstance(d, dict) for k in d):
+            for option in sorted((CONF / group).glob("*.yaml")):
+                yield primary, group, option.stem
 
 
-@pytest.mark.parametrize("primary", PRIMARY)
-@pytest.mark.parametrize("group,option", list(group_options()))
+def test_every_config_file_is_used():
+    used = {(g, o) for _, g, o in group_options()}
+    shipped = {(p.parent.name, p.stem) for p in CONF.glob("*/*.yaml") if p.parent.name != "accelerate"}
+    assert shipped == used
+
+
+@pytest.mark.parametrize("primary,group,option", list(group_options()))
 def test_every_shipped_config_composes_and_validates(primary, group, option):
     cfg = validate(compose_cfg(primary, [f"{group}={option}", *REQUIRED.get((group, option), [])]))
     assert cfg.trainer.max_steps > 0

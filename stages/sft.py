@@ -1,0 +1,136 @@
+"""Supervised fine-tuning: a model from the registry (or a directory, or a hub id) on chat demonstrations,
+with TRL's SFTTrainer, loss on the assistant's tokens only, optionally through LoRA.
+
+    make sft                                                   # the demo: pretrain:latest on demo demonstrations
+    make sft ARGS="experiment=ci"                              # micro sizes
+    make sft ARGS="init_from=HuggingFaceTB/SmolLM2-135M data=local data.path=chats.jsonl peft=lora"
+    make sft ARGS="-m trainer.learning_rate=1e-4,3e-4"         # a sweep: one entry per value, same parent
+
+init_from -> demonstrations (TRL `messages` or `prompt`/`completion`) -> SFTTrainer -> held-out loss and
+gold score (next to the starting model's) -> registry entry whose parent is init_from's entry.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import hydra
+import torch
+from datasets import Dataset
+from omegaconf import DictConfig
+from peft import LoraConfig
+from trl import SFTConfig as TRLSFTConfig
+from trl import SFTTrainer
+
+from pipeline import demo
+from pipeline.config import SFTConfig, register_schemas
+from pipeline.data import fingerprint, load_sft_data
+from pipeline.evaluation import gold_eval
+from pipeline.models import count_parameters, load_for_finetuning
+from pipeline.registry import Registry
+from pipeline.run import StageRun, StopOnNonFiniteLoss, run_stage, save_hf_directory, trainer_arguments
+from pipeline.tokenizer import tokenizer_fingerprint
+
+register_schemas()
+
+
+def inputs(cfg: SFTConfig, registry: Registry) -> dict:
+    return {"init_from": registry.resolve(cfg.init_from)}
+
+
+def build_trainer(run: StageRun, model, tok, train_rows: list[dict], eval_rows: list[dict]) -> SFTTrainer:
+    cfg: SFTConfig = run.cfg
+    conversational = "messages" in train_rows[0]
+    args = TRLSFTConfig(
+        **trainer_arguments(cfg.trainer, run),
+        max_length=cfg.data.max_length,
+        # The loss covers only what the model should learn to say: the assistant turns ({% generation %}
+        # in the chat template) or the completion.
+        assistant_only_loss=conversational,
+        completion_only_loss=None if conversational else True,
+        packing=False,
+        dataset_num_proc=None,
+    )
+    peft_config = None
+    if cfg.peft.method == "lora":
+        targets = cfg.peft.target_modules
+        peft_config = LoraConfig(r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
+                                 target_modules=targets[0] if targets == ["all-linear"] else list(targets),
+                                 task_type="CAUSAL_LM")
+    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+                      eval_dataset=Dataset.from_list(eval_rows), processing_class=tok, peft_config=peft_config,
+                      callbacks=[StopOnNonFiniteLoss()])
+
+
+def save(run: StageRun, trainer: SFTTrainer, tok) -> None:
+    """Full fine-tuning saves as is; LoRA keeps its adapter beside a merged model transformers loads alone."""
+    if run.cfg.peft.method == "none":
+        return save_hf_directory(trainer, tok, run)
+    if run.is_main:
+        model = trainer.model
+        model.save_pretrained(Path(run.entry.path) / "adapter")
+        model.merge_and_unload().save_pretrained(run.entry.path)
+        tok.save_pretrained(run.entry.path)
+    run.state.wait_for_everyone()
+
+
+def sft(run: StageRun) -> dict:
+    cfg: SFTConfig = run.cfg
+    torch.manual_seed(cfg.seed)
+    start = run.inputs["init_from"]
+    model, tok = load_for_finetuning(start.path, cfg.model.trust_remote_code)
+    train_rows, eval_rows = load_sft_data(cfg.data, cfg.seed, run.cache_dir)
+    run.log(f"{len(train_rows)} train / {len(eval_rows)} eval demonstrations; model "
+            f"{count_parameters(model) / 1e6:.2f}M parameters; peft={cfg.peft.method}")
+
+    # The gold judge scores the demo's held-out prompts (user data has no judge: only the loss is reported).
+    judged = cfg.data.kind == "demo"
+    prompts = demo.generate_prompts(cfg.eval.num_prompts, cfg.seed + 1, heldout=True) if judged else []
+    if judged and "baseline_gold_score" not in run.entry.metrics:
+        if run.is_main:
+            run.record(baseline_gold_score=gold_eval(model, tok, prompts, cfg.eval, "Scoring the start model")[0])
+        run.entry.metrics.update(_shared_metrics(run, "baseline_gold_score"))
+
+    trainer = build_trainer(run, model, tok, train_rows, eval_rows)
+    if "initial_eval_loss" not in run.entry.metrics:
+        run.record(initial_eval_loss=trainer.evaluate()["eval_loss"])
+    result = trainer.train(resume_from_checkpoint=run.resume_from)
+    eval_loss = trainer.evaluate()["eval_loss"]
+    save(run, trainer, tok)
+
+    metrics = {"initial_eval_loss": run.entry.metrics["initial_eval_loss"], "eval_loss": eval_loss,
+               "perplexity": math.exp(min(eval_loss, 50.0)), "train_loss": result.training_loss,
+               "train_runtime_s": result.metrics["train_runtime"], "global_step": result.global_step}
+    if judged and run.is_main:
+        tuned = trainer.model.merge_and_unload() if cfg.peft.method == "lora" else trainer.model
+        gold, samples = gold_eval(tuned, tok, prompts, cfg.eval, "Scoring the fine-tuned model")
+        metrics.update(gold_score=gold, baseline_gold_score=run.entry.metrics["baseline_gold_score"])
+        with open(Path(run.entry.path) / "eval_samples.jsonl", "w") as f:
+            f.writelines(json.dumps(s) + "\n" for s in samples)
+        for task in demo.TASKS:
+            scores = [s["gold"] for s in samples if s["task"] == task]
+            metrics[f"gold_score_{task}"] = sum(scores) / max(len(scores), 1)
+        run.log(f"gold score {metrics['baseline_gold_score']:.3f} (start) -> {gold:.3f} (fine-tuned)")
+    if run.is_main:
+        run.registry.update(run.entry, data_fingerprint=fingerprint([json.dumps(r) for r in train_rows]),
+                            tokenizer_fingerprint=tokenizer_fingerprint(tok))
+    return metrics
+
+
+def _shared_metrics(run: StageRun, key: str) -> dict:
+    """A metric the main process measured, for every rank."""
+    from accelerate.utils import broadcast_object_list
+    box = [run.entry.metrics.get(key)]
+    if run.state.num_processes > 1:
+        broadcast_object_list(box)
+    return {key: box[0]}
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="sft")
+def main(cfg: DictConfig) -> float:
+    return run_stage("sft", cfg, sft, inputs)["eval_loss"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,181 @@
+"""The fine-tuning stage: assistant-only loss on the collated batch, and the real command end to end."""
+import json
+import shutil
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from hydra import compose, initialize_config_dir
+from safetensors.torch import load_file
+from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
+from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+
+from pipeline import demo
+from pipeline.config import register_schemas, validate
+from pipeline.tokenizer import train_bpe
+from tests.conftest import make, registry_entries
+
+CONF = Path(__file__).resolve().parent.parent / "conf"
+CI = "experiment=ci"
+register_schemas()
+
+
+def ci_config(overrides=()):
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return validate(compose(config_name="sft", overrides=[CI, *overrides]))
+
+
+def tiny_model(tok):
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=64, pad_token_id=tok.pad_token_id,
+                      eos_token_id=tok.eos_token_id, bos_token_id=tok.bos_token_id)
+    return LlamaForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("fmt", ["messages", "prompt_completion", "conversational_prompt_completion"])
+def test_only_response_tokens_carry_loss(tmp_path, fmt):
+    from stages.sft import build_trainer
+    tok = train_bpe(demo.generate_corpus(300, 0), 400, 128)
+    rows = demo.generate_demonstrations(8, 0, flawed_share=0.0)
+    if fmt == "prompt_completion":
+        rows = [{"prompt": r["messages"][0]["content"], "completion": r["messages"][1]["content"]} for r in rows]
+    elif fmt == "conversational_prompt_completion":
+        rows = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows]
+    else:
+        rows = [{"messages": r["messages"]} for r in rows]
+    run = SimpleNamespace(cfg=ci_config(), trainer_dir=tmp_path, report_to="none", entry=SimpleNamespace(id="t"))
+    trainer = build_trainer(run, tiny_model(tok), tok, rows, rows[:2])
+    batch = next(iter(trainer.get_train_dataloader()))
+    assert batch["labels"].shape == batch["input_ids"].shape
+    answers = {(r["messages"][1]["content"] if fmt == "messages" else
+                r["completion"] if fmt == "prompt_completion" else r["completion"][0]["content"]) for r in rows}
+    for ids, labels in zip(batch["input_ids"], batch["labels"]):
+        trained = ids[labels != -100].tolist()
+        text = tok.decode(trained)
+        assert text.endswith(tok.eos_token)  # the model learns to stop
+        assert text[:-len(tok.eos_token)].strip() in answers  # and nothing of the prompt or the padding
+        assert tok.pad_token_id not in trained
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A ci-sized pretraining run, shared by the tests below (each copies its registry)."""
+    home = tmp_path_factory.mktemp("pretrained") / "runs"
+    r = make("pretrain", home, CI)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return home
+
+
+@pytest.fixture
+def home_with_pretrain(pretrained, tmp_path):
+    home = tmp_path / "runs"
+    shutil.copytree(pretrained, home)
+    return home
+
+
+def complete(home, stage="sft"):
+    return [e for e in registry_entries(home, stage) if e["status"] == "complete"]
+
+
+@pytest.mark.slow
+def test_sft_learns_from_pretrain_latest(home_with_pretrain):
+    home = home_with_pretrain
+    [pre] = complete(home, "pretrain")
+    r = make("sft", home, CI)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    [e] = complete(home)
+    m = e["metrics"]
+    assert e["parents"] == [pre["id"]]
+    assert m["eval_loss"] < m["initial_eval_loss"]
+    assert 0 <= m["baseline_gold_score"] <= 1 and 0 <= m["gold_score"] <= 1
+    before, after = load_file(Path(pre["path"]) / "model.safetensors"), load_file(Path(e["path"]) / "model.safetensors")
+    assert any(not torch.equal(before[k], after[k]) for k in before)  # parameters changed
+    tok = AutoTokenizer.from_pretrained(e["path"])
+    assert tok.chat_template and tok.pad_token_id != tok.eos_token_id
+    samples = [json.loads(l) for l in open(Path(e["path"]) / "eval_samples.jsonl")]
+    assert len(samples) == 40 and {s["task"] for s in samples} == set(demo.TASKS)
+
+
+@pytest.mark.slow
+def test_multirun_gives_entries_with_the_same_parent(home_with_pretrain):
+    home = home_with_pretrain
+    r = make("sft", home, f"-m trainer.learning_rate=1e-4,3e-4 {CI} trainer.max_steps=10 eval.num_prompts=8")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    entries = complete(home)
+    assert len(entries) == 2 and len({tuple(e["parents"]) for e in entries}) == 1
+    assert sorted(e["config"]["trainer"]["learning_rate"] for e in entries) == [1e-4, 3e-4]
+
+
+def plain_hf_directory(path: Path) -> Path:
+    """A model and tokenizer made with transformers and tokenizers alone: no pad token, no chat template."""
+    bpe = Tokenizer(models.BPE())
+    bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    bpe.decoder = decoders.ByteLevel()
+    bpe.train_from_iterator(demo.generate_corpus(300, 1), trainers.BpeTrainer(
+        vocab_size=400, special_tokens=["</s>"], initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="</s>", bos_token="</s>")
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=64, eos_token_id=tok.eos_token_id)
+    torch.manual_seed(0)
+    LlamaForCausalLM(cfg).save_pretrained(path)
+    tok.save_pretrained(path)
+    return path
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("peft", ["none", "lora"])
+def test_init_from_a_plain_directory(tmp_path, home, peft):
+    base = plain_hf_directory(tmp_path / "base")
+    r = make("sft", home, f"{CI} init_from={base} peft={peft} eval.num_prompts=8")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    [e] = complete(home)
+    assert e["parents"] == []  # no registry entry behind a plain directory
+    out = Path(e["path"])
+    assert (out / "adapter").is_dir() == (peft == "lora")
+    tuned = AutoModelForCausalLM.from_pretrained(out)
+    tok = AutoTokenizer.from_pretrained(out)
+    assert tok.pad_token_id != tok.eos_token_id and tok.chat_template  # added to the plain tokenizer
+    assert not any(n.startswith("base_model") or "lora" in n for n, _ in tuned.named_parameters())  # merged
+    original = AutoModelForCausalLM.from_pretrained(base)
+    w0 = original.model.layers[0].self_attn.q_proj.weight
+    w1 = tuned.model.layers[0].self_attn.q_proj.weight
+    assert w0.shape == w1.shape and not torch.allclose(w0, w1)
+    assert tuned.get_input_embeddings().num_embeddings == len(tok)
+
+
+@pytest.mark.slow
+def test_missing_pretrain_stops_at_once_with_the_remedy(home):
+    r = make("sft", home, CI)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0
+    assert str(home) in out and "make pretrain" in out and "init_from=" in out
+    assert "Traceback" not in out
+    assert registry_entries(home) == []
+
+
+BAD_ROWS = {
+    "missing field": ({"messages": None, "prompt": "Hi"}, "missing field"),
+    "unknown role": ({"messages": [{"role": "user", "content": "Hi"}, {"role": "robot", "content": "Yo"}]},
+                     "unknown role 'robot'"),
+    "empty assistant": ({"messages": [{"role": "user", "content": "Hi"}, {"role": "assistant", "content": " "}]},
+                        "empty assistant turn"),
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(BAD_ROWS))
+def test_bad_rows_are_named_or_skipped(home_with_pretrain, tmp_path, case):
+    home = home_with_pretrain
+    rows = [{"messages": r["messages"]} for r in demo.generate_demonstrations(40, 3)]
+    bad, expect = BAD_ROWS[case]
+    rows.insert(6, bad)
+    f = tmp_path / "chats.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    r = make("sft", home, f"{CI} data=local data.path={f}")
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and f"row 7: " in out and expect in out, out[-1500:]
+    assert "Traceback" not in out and not complete(home)
+    r = make("sft", home, f"{CI} data=local data.path={f} data.skip_bad_rows=true trainer.max_steps=5")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Skipped 1 bad row(s)" in r.stdout and len(complete(home)) == 1

@@ -28,7 +28,7 @@ else
 endif
 LAUNCH := $(VENV)/bin/accelerate launch --quiet $(LAUNCH_FLAGS) -m
 
-.PHONY: install pretrain sft test registry clean-venv
+.PHONY: install pretrain sft reward test registry clean-venv
 
 install: $(STAMP)
 
@@ -43,6 +43,9 @@ pretrain: install
 
 sft: install
 	$(LAUNCH) stages.sft $(ARGS)
+
+reward: install
+	$(LAUNCH) reward_model.train $(ARGS)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

@@ -219,11 +219,23 @@ class SFTConfig(StageConfig):
     peft: PeftConfig = field(default_factory=PeftConfig)
 
 
+@dataclass
+class RewardConfig(StageConfig):
+    # The backbone of the reward model: a registry reference (sft, sft:best, an entry id), a local
+    # Hugging Face directory, or a hub id. A one-output sequence-classification head is put on top.
+    init_from: str = "sft:latest"
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    # Warn when |correlation(score, response length)| on held-out responses exceeds this: a reward model
+    # that just likes long (or short) answers.
+    length_correlation_warning: float = 0.5
+
+
 def register_schemas() -> None:
     """Make the schemas known to Hydra: each primary config names its schema in its defaults list."""
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
     cs.store(name="sft_schema", node=SFTConfig)
+    cs.store(name="reward_schema", node=RewardConfig)
 
 
 def validate(cfg: DictConfig):

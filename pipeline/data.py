@@ -226,3 +226,49 @@ def load_sft_data(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[list[dic
             raise PipelineError(f"{where} mixes the 'messages' and 'prompt'/'completion' formats; use one")
         rows = [{k: r[k] for k in keys} for r in rows]
     return split_eval(rows, cfg.eval_fraction, cfg.max_eval_blocks)
+
+
+def _response_problem(value, field: str) -> str | None:
+    if isinstance(value, str):
+        return None if value.strip() else f"empty '{field}' response"
+    if isinstance(value, list):
+        problem = _check_messages(value, field, need_assistant=False)
+        if problem:
+            return problem
+        return None if value[-1]["content"].strip() else f"empty '{field}' response"
+    return f"'{field}' must be text or a list of messages"
+
+
+def preference_row_problem(row: dict) -> str | None:
+    """What is wrong with one preference pair, or None: TRL's explicit- or implicit-prompt formats."""
+    for field in ("chosen", "rejected"):
+        if row.get(field) is None:
+            return f"missing '{field}'"
+    problem = _response_problem(row["chosen"], "chosen") or _response_problem(row["rejected"], "rejected")
+    if problem:
+        return problem
+    if type(row["chosen"]) is not type(row["rejected"]):
+        return "'chosen' and 'rejected' must both be text or both be lists of messages"
+    if row["chosen"] == row["rejected"]:
+        return "'chosen' is identical to 'rejected': the pair prefers nothing"
+    prompt = row.get("prompt")
+    if prompt is not None and type(prompt) is not type(row["chosen"]):
+        return "'prompt' and the responses must both be text or both be lists of messages"
+    return None
+
+
+def load_preference_data(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[list[dict], list[dict]]:
+    """(train pairs, eval pairs) in TRL's preference format; the demo's eval pairs use held-out prompts."""
+    if cfg.kind == "demo":
+        keep = ("prompt", "chosen", "rejected")
+        train = [{k: r[k] for k in keep} for r in demo.generate_preferences(cfg.num_examples, seed)]
+        n_eval = min(cfg.max_eval_blocks, max(1, int(cfg.num_examples * cfg.eval_fraction)))
+        held = [{k: r[k] for k in keep} for r in demo.generate_preferences(n_eval, seed + 1, heldout=True)]
+        return train, held
+    raw, where = load_rows(cfg, cache_dir)
+    rows, _ = clean_rows(raw, preference_row_problem, where, cfg.skip_bad_rows)
+    explicit = rows[0].get("prompt") is not None
+    if any((r.get("prompt") is not None) != explicit for r in rows):
+        raise PipelineError(f"{where} mixes pairs with and without 'prompt'; use one format")
+    keys = ("prompt", "chosen", "rejected") if explicit else ("chosen", "rejected")
+    return split_eval([{k: r[k] for k in keys} for r in rows], cfg.eval_fraction, cfg.max_eval_blocks)

@@ -6,7 +6,7 @@ from pathlib import Path
 import torch
 from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
 
-from pipeline.config import ModelConfig
+from pipeline.config import ModelConfig, PeftConfig
 from pipeline.errors import PipelineError
 from pipeline.registry import looks_like_hub_id
 
@@ -71,3 +71,13 @@ def load_for_finetuning(name_or_path: str, trust_remote_code: bool = False):
     model = load_causal_lm(name_or_path, trust_remote_code)
     match_tokenizer(model, tok)
     return model, tok
+
+
+def lora_config(cfg: PeftConfig, task_type: str):
+    """PEFT's LoraConfig from the peft section, or None for full fine-tuning."""
+    if cfg.method == "none":
+        return None
+    from peft import LoraConfig
+    targets = cfg.target_modules
+    return LoraConfig(r=cfg.r, lora_alpha=cfg.alpha, lora_dropout=cfg.dropout, task_type=task_type,
+                      target_modules=targets[0] if list(targets) == ["all-linear"] else list(targets))

@@ -14,6 +14,7 @@ from typing import Callable, Optional
 
 import torch
 from omegaconf import DictConfig, OmegaConf
+from peft import PeftModel
 from transformers import TrainerCallback
 
 from pipeline import tracking
@@ -59,6 +60,10 @@ class StageRun:
         self.entry.metrics.update(metrics)
         if self.is_main:
             self.registry.update(self.entry, metrics=self.entry.metrics)
+
+
+def is_peft_model(model) -> bool:
+    return isinstance(model, PeftModel)
 
 
 def last_trainer_checkpoint(trainer_dir: Path) -> Optional[str]:
@@ -130,11 +135,26 @@ def trainer_arguments(t: TrainerConfig, run: StageRun) -> dict:
 
 
 def save_hf_directory(trainer, tok, run: StageRun) -> None:
-    """The checkpoint as a plain Hugging Face directory: model, tokenizer, generation config; safetensors only."""
-    trainer.save_model(run.entry.path)
+    """The checkpoint as a plain Hugging Face directory: model, tokenizer, generation config; safetensors only.
+
+    A LoRA run keeps its adapter in adapter/ beside the merged model, which transformers loads alone.
+    """
+    if not is_peft_model(trainer.model):
+        trainer.save_model(run.entry.path)
+        if run.is_main:
+            (Path(run.entry.path) / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is YAML
+    elif run.is_main:
+        trainer.model.save_pretrained(Path(run.entry.path) / "adapter")
+        trainer.model = trainer.model.merge_and_unload()  # merging changes the layers in place: keep the result
+        trainer.model.save_pretrained(run.entry.path)
     if run.is_main:
-        (Path(run.entry.path) / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is YAML
         tok.save_pretrained(run.entry.path)
+    run.state.wait_for_everyone()
+
+
+def unwrapped(model):
+    """The plain transformers model of a trained model (LoRA adapters merged in)."""
+    return model.merge_and_unload() if is_peft_model(model) else model
 
 
 def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],

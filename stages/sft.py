@@ -19,7 +19,6 @@ import hydra
 import torch
 from datasets import Dataset
 from omegaconf import DictConfig
-from peft import LoraConfig
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
 
@@ -27,9 +26,9 @@ from pipeline import demo
 from pipeline.config import SFTConfig, register_schemas
 from pipeline.data import fingerprint, load_sft_data
 from pipeline.evaluation import gold_eval
-from pipeline.models import count_parameters, load_for_finetuning
+from pipeline.models import count_parameters, load_for_finetuning, lora_config
 from pipeline.registry import Registry
-from pipeline.run import StageRun, StopOnNonFiniteLoss, run_stage, save_hf_directory, trainer_arguments
+from pipeline.run import StageRun, StopOnNonFiniteLoss, run_stage, save_hf_directory, trainer_arguments, unwrapped
 from pipeline.tokenizer import tokenizer_fingerprint
 
 register_schemas()
@@ -52,27 +51,10 @@ def build_trainer(run: StageRun, model, tok, train_rows: list[dict], eval_rows: 
         packing=False,
         dataset_num_proc=None,
     )
-    peft_config = None
-    if cfg.peft.method == "lora":
-        targets = cfg.peft.target_modules
-        peft_config = LoraConfig(r=cfg.peft.r, lora_alpha=cfg.peft.alpha, lora_dropout=cfg.peft.dropout,
-                                 target_modules=targets[0] if targets == ["all-linear"] else list(targets),
-                                 task_type="CAUSAL_LM")
     return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
-                      eval_dataset=Dataset.from_list(eval_rows), processing_class=tok, peft_config=peft_config,
+                      eval_dataset=Dataset.from_list(eval_rows), processing_class=tok,
+                      peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
                       callbacks=[StopOnNonFiniteLoss()])
-
-
-def save(run: StageRun, trainer: SFTTrainer, tok) -> None:
-    """Full fine-tuning saves as is; LoRA keeps its adapter beside a merged model transformers loads alone."""
-    if run.cfg.peft.method == "none":
-        return save_hf_directory(trainer, tok, run)
-    if run.is_main:
-        model = trainer.model
-        model.save_pretrained(Path(run.entry.path) / "adapter")
-        model.merge_and_unload().save_pretrained(run.entry.path)
-        tok.save_pretrained(run.entry.path)
-    run.state.wait_for_everyone()
 
 
 def sft(run: StageRun) -> dict:
@@ -97,14 +79,13 @@ def sft(run: StageRun) -> dict:
         run.record(initial_eval_loss=trainer.evaluate()["eval_loss"])
     result = trainer.train(resume_from_checkpoint=run.resume_from)
     eval_loss = trainer.evaluate()["eval_loss"]
-    save(run, trainer, tok)
+    save_hf_directory(trainer, tok, run)
 
     metrics = {"initial_eval_loss": run.entry.metrics["initial_eval_loss"], "eval_loss": eval_loss,
                "perplexity": math.exp(min(eval_loss, 50.0)), "train_loss": result.training_loss,
                "train_runtime_s": result.metrics["train_runtime"], "global_step": result.global_step}
     if judged and run.is_main:
-        tuned = trainer.model.merge_and_unload() if cfg.peft.method == "lora" else trainer.model
-        gold, samples = gold_eval(tuned, tok, prompts, cfg.eval, "Scoring the fine-tuned model")
+        gold, samples = gold_eval(unwrapped(trainer.model), tok, prompts, cfg.eval, "Scoring the fine-tuned model")
         metrics.update(gold_score=gold, baseline_gold_score=run.entry.metrics["baseline_gold_score"])
         with open(Path(run.entry.path) / "eval_samples.jsonl", "w") as f:
             f.writelines(json.dumps(s) + "\n" for s in samples)

@@ -1,0 +1,118 @@
+"""Reward-model training: a sequence-classification head with one output on the SFT model, trained on
+preference pairs with TRL's RewardTrainer (Bradley-Terry loss).
+
+    make reward                                            # the demo: sft:latest on demo preference pairs
+    make reward ARGS="experiment=ci"                       # micro sizes
+    make reward ARGS="data=local data.path=pairs.jsonl"    # prompt/chosen/rejected, or chosen/rejected
+    make reward ARGS="data=ultrafeedback"                  # a hub preference set (needs a network)
+
+init_from -> pairs -> RewardTrainer -> held-out accuracy and margin, score mean/std (stored with the
+checkpoint for PPO to normalize rewards), score-length correlation -> registry entry (parent: init_from).
+"""
+from __future__ import annotations
+
+import json
+import statistics
+from pathlib import Path
+
+import hydra
+import torch
+from datasets import Dataset
+from omegaconf import DictConfig
+from transformers import AutoModelForSequenceClassification
+from trl import RewardConfig as TRLRewardConfig
+from trl import RewardTrainer
+
+from pipeline.config import RewardConfig, register_schemas
+from pipeline.data import fingerprint, load_preference_data
+from pipeline.errors import PipelineError
+from pipeline.models import check_model_source, count_parameters, lora_config
+from pipeline.registry import Registry
+from pipeline.run import StageRun, StopOnNonFiniteLoss, run_stage, save_hf_directory, trainer_arguments, unwrapped
+from pipeline.tokenizer import add_pipeline_tokens, load_tokenizer, tokenizer_fingerprint
+from reward_model.scoring import STATS_FILE, RewardModel
+
+register_schemas()
+
+
+def inputs(cfg: RewardConfig, registry: Registry) -> dict:
+    return {"init_from": registry.resolve(cfg.init_from)}
+
+
+def load_backbone(path: str, trust_remote_code: bool):
+    """The model at path with a fresh one-output score head, and its tokenizer (pad != eos, chat template)."""
+    check_model_source(path)
+    tok = load_tokenizer(path, trust_remote_code)
+    add_pipeline_tokens(tok)
+    try:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            path, num_labels=1, trust_remote_code=trust_remote_code, dtype=torch.float32, use_safetensors=True)
+    except Exception as e:
+        raise PipelineError(f"cannot load '{path}' as a reward-model backbone: {e}") from None
+    if len(tok) > model.get_input_embeddings().num_embeddings:
+        model.resize_token_embeddings(len(tok))
+    model.config.pad_token_id = tok.pad_token_id  # the score is read at the last token that is not padding
+    return model, tok
+
+
+def pearson(xs: list[float], ys: list[float]) -> float:
+    if len(xs) < 2 or statistics.pstdev(xs) == 0 or statistics.pstdev(ys) == 0:
+        return 0.0
+    return statistics.correlation(xs, ys)
+
+
+def evaluate_pairs(rm: RewardModel, pairs: list[dict]) -> dict:
+    """Accuracy and margin on held-out pairs; mean/std of scores of their responses; score-length correlation."""
+    accuracy, margin = rm.pair_accuracy(pairs)
+    prompts = [p.get("prompt") for p in pairs] * 2
+    responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    scores = rm.score(prompts, responses)
+    lengths = [len(r if isinstance(r, str) else r[-1]["content"]) for r in responses]
+    return {"eval_accuracy": accuracy, "eval_margin": margin, "score_mean": statistics.fmean(scores),
+            "score_std": statistics.pstdev(scores), "length_correlation": pearson(scores, lengths)}
+
+
+def reward(run: StageRun) -> dict:
+    cfg: RewardConfig = run.cfg
+    torch.manual_seed(cfg.seed)
+    model, tok = load_backbone(run.inputs["init_from"].path, cfg.model.trust_remote_code)
+    train_pairs, eval_pairs = load_preference_data(cfg.data, cfg.seed, run.cache_dir)
+    run.log(f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs; model "
+            f"{count_parameters(model) / 1e6:.2f}M parameters; peft={cfg.peft.method}")
+    if run.is_main and "initial_eval_accuracy" not in run.entry.metrics:
+        run.record(initial_eval_accuracy=RewardModel(model, tok).pair_accuracy(eval_pairs)[0])
+
+    args = TRLRewardConfig(**trainer_arguments(cfg.trainer, run), max_length=cfg.data.max_length,
+                           disable_dropout=True, dataset_num_proc=None)
+    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
+                            eval_dataset=Dataset.from_list(eval_pairs), processing_class=tok,
+                            peft_config=lora_config(cfg.peft, "SEQ_CLS"), callbacks=[StopOnNonFiniteLoss()])
+    result = trainer.train(resume_from_checkpoint=run.resume_from)
+    eval_loss = trainer.evaluate()["eval_loss"]
+    save_hf_directory(trainer, tok, run)
+
+    metrics = {"eval_loss": eval_loss, "train_loss": result.training_loss,
+               "train_runtime_s": result.metrics["train_runtime"], "global_step": result.global_step}
+    if run.is_main:
+        metrics.update(evaluate_pairs(RewardModel(unwrapped(trainer.model), tok), eval_pairs),
+                       initial_eval_accuracy=run.entry.metrics["initial_eval_accuracy"])
+        stats = {k: metrics[k] for k in ("score_mean", "score_std")}
+        (Path(run.entry.path) / STATS_FILE).write_text(json.dumps(stats, indent=2))
+        run.log(f"held-out accuracy {metrics['initial_eval_accuracy']:.3f} -> {metrics['eval_accuracy']:.3f}, "
+                f"margin {metrics['eval_margin']:.3f}, score {metrics['score_mean']:.3f} ± {metrics['score_std']:.3f}")
+        if abs(metrics["length_correlation"]) > cfg.length_correlation_warning:
+            run.log(f"WARNING: the score correlates with response length (r = {metrics['length_correlation']:.2f}): "
+                    f"the reward model may just like {'long' if metrics['length_correlation'] > 0 else 'short'} "
+                    f"answers, and PPO will exploit it")
+        run.registry.update(run.entry, data_fingerprint=fingerprint([json.dumps(p) for p in train_pairs]),
+                            tokenizer_fingerprint=tokenizer_fingerprint(tok))
+    return metrics
+
+
+@hydra.main(version_base="1.3", config_path="../conf", config_name="reward")
+def main(cfg: DictConfig) -> float:
+    return run_stage("reward", cfg, reward, inputs)["eval_loss"]
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,119 @@
+"""The reward-model stage: each preference format trains, the scoring API agrees with the stage's metric,
+bad rows are named, and a missing upstream checkpoint gives the remedy."""
+import json
+import shutil
+
+import pytest
+
+from pipeline import demo
+from reward_model.scoring import RewardModel, as_text
+from tests.conftest import make, registry_entries
+
+pytestmark = pytest.mark.slow
+CI = "experiment=ci"
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(tmp_path_factory):
+    """ci-sized pretrain and sft runs, shared by the tests below (each copies the registry)."""
+    home = tmp_path_factory.mktemp("sft") / "runs"
+    for stage in ("pretrain", "sft"):
+        r = make(stage, home, f"{CI} eval.num_prompts=4")
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return home
+
+
+@pytest.fixture
+def home_with_sft(fine_tuned, tmp_path):
+    home = tmp_path / "runs"
+    shutil.copytree(fine_tuned, home)
+    return home
+
+
+def complete(home, stage="reward"):
+    return [e for e in registry_entries(home, stage) if e["status"] == "complete"]
+
+
+def test_reward_trains_on_the_demo_and_the_api_agrees(home_with_sft):
+    home = home_with_sft
+    [sft] = complete(home, "sft")
+    r = make("reward", home, f"{CI} data.num_examples=800 trainer.max_steps=60 data.eval_fraction=0.1")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    [e] = complete(home)
+    m = e["metrics"]
+    assert e["parents"] == [sft["id"]]
+    for k in ("eval_accuracy", "eval_margin", "score_mean", "score_std", "length_correlation"):
+        assert k in m
+    assert m["eval_accuracy"] > m["initial_eval_accuracy"]  # it learned to prefer the chosen responses
+    stats = json.load(open(f"{e['path']}/reward_stats.json"))
+    assert stats == {"score_mean": m["score_mean"], "score_std": m["score_std"]}
+    # the scoring API, loading by registry reference, recomputes the stage's accuracy
+    rm = RewardModel.load("reward:latest", root=str(home))
+    pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")}
+             for p in demo.generate_preferences(20, 1, heldout=True)]  # the stage's held-out pairs
+    accuracy, margin = rm.pair_accuracy(pairs)
+    assert accuracy == pytest.approx(m["eval_accuracy"]) and margin == pytest.approx(m["eval_margin"], rel=1e-4)
+    assert rm.stats["score_std"] == m["score_std"]
+
+
+def test_score_is_read_at_the_eos_not_padding(home_with_sft):
+    home = home_with_sft
+    r = make("reward", home, f"{CI} trainer.max_steps=5")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    rm = RewardModel.load("reward", root=str(home))
+    prompt = [{"role": "user", "content": "Is this sentence positive or negative?\n\nMia loved the cake."}]
+    short = [{"role": "assistant", "content": "Positive."}]
+    long = [{"role": "assistant", "content": "Positive. " * 12}]
+    alone = rm.score([prompt], [short])[0]
+    batched = rm.score([prompt, prompt], [short, long])[0]  # padded to the long one's length
+    assert batched == pytest.approx(alone, abs=1e-4)
+    assert as_text(rm.tok, prompt, short).endswith(rm.tok.eos_token)
+
+
+FORMATS = {
+    "plain explicit": lambda p: {"prompt": p["prompt"][0]["content"], "chosen": p["chosen"][0]["content"],
+                                 "rejected": p["rejected"][0]["content"]},
+    "conversational explicit": lambda p: {k: p[k] for k in ("prompt", "chosen", "rejected")},
+    "conversational implicit": lambda p: {"chosen": p["prompt"] + p["chosen"], "rejected": p["prompt"] + p["rejected"]},
+    "plain implicit": lambda p: {"chosen": p["prompt"][0]["content"] + " " + p["chosen"][0]["content"],
+                                 "rejected": p["prompt"][0]["content"] + " " + p["rejected"][0]["content"]},
+}
+
+
+@pytest.mark.parametrize("fmt", list(FORMATS))
+def test_each_preference_format_trains(home_with_sft, tmp_path, fmt):
+    home = home_with_sft
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("\n".join(json.dumps(FORMATS[fmt](p)) for p in demo.generate_preferences(60, 4)))
+    r = make("reward", home, f"{CI} data=local data.path={f} trainer.max_steps=8 data.eval_fraction=0.2")
+    assert r.returncode == 0, fmt + r.stdout[-2000:] + r.stderr[-2000:]
+    [e] = complete(home)
+    assert e["config"]["data"]["path"] == str(f) and 0 <= e["metrics"]["eval_accuracy"] <= 1
+
+
+BAD = {
+    "missing chosen": ({"prompt": "Hi", "rejected": "No."}, "missing 'chosen'"),
+    "identical": ({"prompt": "Hi", "chosen": "Hello.", "rejected": "Hello."}, "identical"),
+    "empty response": ({"prompt": "Hi", "chosen": "Hello.", "rejected": "  "}, "empty 'rejected' response"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD))
+def test_bad_pairs_are_named_by_row(home_with_sft, tmp_path, case):
+    home = home_with_sft
+    rows = [FORMATS["plain explicit"](p) for p in demo.generate_preferences(30, 5)]
+    bad, expect = BAD[case]
+    rows.insert(11, bad)
+    f = tmp_path / "pairs.jsonl"
+    f.write_text("\n".join(json.dumps(r) for r in rows))
+    r = make("reward", home, f"{CI} data=local data.path={f}")
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "row 12: " in out and expect in out, out[-1500:]
+    assert "Traceback" not in out and not complete(home)
+
+
+def test_missing_sft_gives_the_remedy(home):
+    r = make("reward", home, CI)
+    out = r.stdout + r.stderr
+    assert r.returncode != 0 and "make sft" in out and str(home) in out and "Traceback" not in out
+    assert registry_entries(home) == []

@@ -28,7 +28,7 @@ else
 endif
 LAUNCH := $(VENV)/bin/accelerate launch --quiet $(LAUNCH_FLAGS) -m
 
-.PHONY: install pretrain sft reward test registry clean-venv
+.PHONY: install pretrain sft reward ppo rlhf test registry clean-venv
 
 install: $(STAMP)
 
@@ -46,6 +46,11 @@ sft: install
 
 reward: install
 	$(LAUNCH) reward_model.train $(ARGS)
+
+ppo: install
+	$(LAUNCH) stages.ppo $(ARGS)
+
+rlhf: reward ppo
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

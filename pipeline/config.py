@@ -230,12 +230,63 @@ class RewardConfig(StageConfig):
     length_correlation_warning: float = 0.5
 
 
+@dataclass
+class PPOSettings:
+    """The details that make PPO for RLHF work (see "The N Implementation Details of RLHF with PPO")."""
+    # Tokens sampled per response; a response is truncated after its first eos (the stop token).
+    response_length: int = 64
+    # Sampling temperature, applied the same way when sampling and when computing log-probabilities.
+    temperature: float = 0.7
+    # Per-token KL penalty to the frozen reference (the starting policy) and its estimator (k1 or k3).
+    kl_coef: float = 0.2
+    kl_estimator: str = "k1"
+    # Subtracted from the score of a response that never emits eos.
+    missing_eos_penalty: float = 1.0
+    # Rewards are (score - score_mean) / score_std with the reward model's stored statistics.
+    normalize_rewards: bool = True
+    # PPO: epochs over each batch of rollouts, mini-batches per epoch, policy and value clipping, value loss weight.
+    num_ppo_epochs: int = 4
+    num_mini_batches: int = 1
+    cliprange: float = 0.2
+    cliprange_value: float = 0.2
+    vf_coef: float = 0.1
+    # Generalized advantage estimation: discount and lambda.
+    gamma: float = 1.0
+    lam: float = 0.95
+    whiten_rewards: bool = False
+    # Guard against over-optimisation: stop when the policy's mean KL to the reference exceeds this (nats
+    # per response); null turns the guard off. The stop is recorded in the entry.
+    kl_budget: Optional[float] = 8.0
+    # Track the gold judge's score on held-out demo prompts every this many PPO updates (0 = never).
+    gold_every: int = 8
+    gold_prompts: int = 48
+    # Rollout batch for generation and scoring forward passes.
+    rollout_batch_size: int = 64
+
+    def __post_init__(self):
+        if self.kl_estimator not in ("k1", "k3"):
+            raise ValueError(f"ppo.kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
+        if self.temperature <= 0:
+            raise ValueError(f"ppo.temperature must be positive, got {self.temperature}")
+
+
+@dataclass
+class PPOConfig(StageConfig):
+    # The policy (and frozen reference): a registry reference, a local directory, or a hub id.
+    init_from: str = "sft:latest"
+    # The reward model, which also initialises the value model: same kinds of reference.
+    reward_model: str = "reward:latest"
+    peft: PeftConfig = field(default_factory=PeftConfig)
+    ppo: PPOSettings = field(default_factory=PPOSettings)
+
+
 def register_schemas() -> None:
     """Make the schemas known to Hydra: each primary config names its schema in its defaults list."""
     cs = ConfigStore.instance()
     cs.store(name="pretrain_schema", node=PretrainConfig)
     cs.store(name="sft_schema", node=SFTConfig)
     cs.store(name="reward_schema", node=RewardConfig)
+    cs.store(name="ppo_schema", node=PPOConfig)
 
 
 def validate(cfg: DictConfig):

@@ -272,3 +272,24 @@ def load_preference_data(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[l
         raise PipelineError(f"{where} mixes pairs with and without 'prompt'; use one format")
     keys = ("prompt", "chosen", "rejected") if explicit else ("chosen", "rejected")
     return split_eval([{k: r[k] for k in keys} for r in rows], cfg.eval_fraction, cfg.max_eval_blocks)
+
+
+def prompt_row_problem(row: dict) -> str | None:
+    prompt = row.get("prompt")
+    if prompt is None:
+        return "missing 'prompt'"
+    if isinstance(prompt, str):
+        return None if prompt.strip() else "empty 'prompt'"
+    return _check_messages(prompt, "prompt", need_assistant=False)
+
+
+def load_prompt_data(cfg: DataConfig, seed: int, cache_dir: Path, n_eval: int) -> tuple[list[dict], list[dict]]:
+    """(train prompts, held-out prompts) as conversational `prompt` lists; demo rows also carry their task."""
+    if cfg.kind == "demo":
+        return (demo.generate_prompts(cfg.num_examples, seed, heldout=False),
+                demo.generate_prompts(n_eval, seed + 1, heldout=True))
+    raw, where = load_rows(cfg, cache_dir)
+    rows, _ = clean_rows(raw, prompt_row_problem, where, cfg.skip_bad_rows)
+    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}] if isinstance(r["prompt"], str) else r["prompt"]}
+            for r in rows]
+    return split_eval(rows, cfg.eval_fraction, n_eval)

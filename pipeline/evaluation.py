@@ -1,4 +1,4 @@
-"""Evaluation by generation: responses to held-out prompts, scored by the demo's gold judge."""
+"""Evaluation by generation: responses to held-out prompts, their log-probabilities, and gold scores."""
 from __future__ import annotations
 
 import torch
@@ -9,11 +9,11 @@ from pipeline.config import GenerationEvalConfig
 
 
 @torch.no_grad()
-def generate_responses(model, tok, prompts: list[list[dict]], cfg: GenerationEvalConfig, desc: str) -> list[str]:
-    """One response per conversational prompt, in batches, left-padded so every row ends at its prompt."""
+def sample_responses(model, tok, prompts: list[list[dict]], cfg: GenerationEvalConfig, desc: str):
+    """(prompt ids, response ids) per conversational prompt; a response ends at its first eos, included."""
     was_training = model.training
     model.eval()
-    tok.padding_side = "left"
+    side, tok.padding_side = tok.padding_side, "left"  # every row of a batch ends at its prompt
     texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     sampling = {"do_sample": True, "temperature": cfg.temperature, "top_k": 0, "top_p": 1.0} \
         if cfg.temperature > 0 else {"do_sample": False}
@@ -22,17 +22,48 @@ def generate_responses(model, tok, prompts: list[list[dict]], cfg: GenerationEva
         batch = tok(texts[i:i + cfg.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
         batch = {k: v.to(model.device) for k, v in batch.items()}
         ids = model.generate(**batch, max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id, **sampling)
-        out += tok.batch_decode(ids[:, batch["input_ids"].shape[1]:], skip_special_tokens=True)
-    tok.padding_side = "right"
+                             pad_token_id=tok.pad_token_id, **sampling)  # (B, prompt + new)
+        width = batch["input_ids"].shape[1]
+        for row, mask, full in zip(batch["input_ids"], batch["attention_mask"], ids):
+            response = full[width:].tolist()
+            if tok.eos_token_id in response:
+                response = response[:response.index(tok.eos_token_id) + 1]
+            response = [t for t in response if t != tok.pad_token_id]
+            out.append((row[mask.bool()].tolist(), response))
+    tok.padding_side = side
     model.train(was_training)
-    return [r.strip() for r in out]
+    return out
+
+
+def generate_responses(model, tok, prompts: list[list[dict]], cfg: GenerationEvalConfig, desc: str) -> list[str]:
+    """One response text per conversational prompt (greedy when cfg.temperature is 0)."""
+    return [tok.decode(r, skip_special_tokens=True).strip() for _, r in sample_responses(model, tok, prompts, cfg, desc)]
+
+
+@torch.no_grad()
+def response_logprobs(model, pairs: list[tuple[list[int], list[int]]], temperature: float, pad_id: int,
+                      batch_size: int = 32) -> list[float]:
+    """Sum of log p(response token | context) with logits / temperature, as PPO computes them."""
+    model.eval()
+    out = []
+    for i in range(0, len(pairs), batch_size):
+        chunk = pairs[i:i + batch_size]
+        width = max(len(p) + len(r) for p, r in chunk)
+        ids = torch.full((len(chunk), width), pad_id)
+        for j, (p, r) in enumerate(chunk):
+            ids[j, :len(p) + len(r)] = torch.tensor(p + r)
+        mask = ids != pad_id
+        logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device)).logits.float()
+        logp = torch.log_softmax(logits[:, :-1] / temperature, dim=-1)  # (B, T-1, V)
+        token_logp = logp.gather(-1, ids[:, 1:, None].to(model.device)).squeeze(-1).cpu()  # (B, T-1)
+        for j, (p, r) in enumerate(chunk):
+            out.append(token_logp[j, len(p) - 1:len(p) + len(r) - 1].sum().item())
+    return out
 
 
 def gold_eval(model, tok, rows: list[dict], cfg: GenerationEvalConfig, desc: str) -> tuple[float, list[dict]]:
     """Mean gold score of the model's responses to demo prompts, and the samples."""
-    prompts = [r["prompt"] for r in rows]
-    responses = generate_responses(model, tok, prompts, cfg, desc)
+    responses = generate_responses(model, tok, [r["prompt"] for r in rows], cfg, desc)
     samples = [{"task": r["task"], "prompt": r["prompt"][-1]["content"], "response": resp,
                 "gold": demo.gold_score(r["prompt"][-1]["content"], resp)} for r, resp in zip(rows, responses)]
     return sum(s["gold"] for s in samples) / len(samples), samples

@@ -89,7 +89,7 @@ class StopOnNonFiniteLoss(TrainerCallback):
                                 f"is kept in {args.output_dir}")
 
 
-def _open_entry(stage: str, cfg, config: dict, parents: list[str], registry: Registry, state):
+def _open_entry(stage: str, cfg, config: dict, parents: list[str], registry: Registry, state, resumable: bool):
     """On the main process: resume the unfinished entry of the same command, or create a new one."""
     if not state.is_main_process:
         return None, None
@@ -97,10 +97,13 @@ def _open_entry(stage: str, cfg, config: dict, parents: list[str], registry: Reg
     if cfg.resume == "auto":
         old = registry.find_resumable(stage, h)
         if old is not None:
-            ckpt = last_trainer_checkpoint(Path(old.path) / "trainer")
+            ckpt = last_trainer_checkpoint(Path(old.path) / "trainer") if resumable else None
             if ckpt:
                 return registry.claim(old), ckpt
-            registry.fail(old, "abandoned: it left no trainer checkpoint to resume from")
+            why = "this stage's trainer cannot resume" if not resumable else "it left no trainer checkpoint"
+            registry.fail(old, f"abandoned: {why}; a rerun started afresh")
+            print(f"[{stage}] The unfinished attempt {old.id} cannot be resumed ({why}): it is marked failed "
+                  f"and the stage restarts cleanly", flush=True)
     return registry.create(stage, config, parents, cfg_hash=h), None
 
 
@@ -158,7 +161,7 @@ def unwrapped(model):
 
 
 def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
-              inputs: Callable[[object, Registry], dict] = lambda cfg, reg: {}) -> dict:
+              inputs: Callable[[object, Registry], dict] = lambda cfg, reg: {}, resumable: bool = True) -> dict:
     """Run a stage body under its registry entry; a PipelineError ends the process with its message and exit 2.
 
     `inputs` resolves the checkpoints the stage starts from (before any entry is created, so a missing
@@ -178,7 +181,7 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
         tracking.wandb_dirs(registry.root) if typed.logging.backend == "wandb" else None
         resolved = inputs(typed, registry)
         parent_ids = [r.entry.id for r in resolved.values() if r.entry is not None]
-        entry, resume_from = _open_entry(stage, typed, config, parent_ids, registry, state)
+        entry, resume_from = _open_entry(stage, typed, config, parent_ids, registry, state, resumable)
         shared = [entry, resume_from]
         if state.num_processes > 1:
             broadcast_object_list(shared)  # the other ranks learn the entry from the main process

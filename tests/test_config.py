@@ -10,7 +10,7 @@ from pipeline.config import register_schemas, validate
 from pipeline.errors import PipelineError
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-PRIMARY = ["pretrain", "sft", "reward"]
+PRIMARY = ["pretrain", "sft", "reward", "ppo"]
 # Options that need a value the user supplies.
 REQUIRED = {("model", "hub"): ["model.name_or_path=org/model"], ("data", "local"): ["data.path=corpus.txt"]}
 

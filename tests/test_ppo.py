@@ -1,0 +1,142 @@
+"""PPO's RLHF details, each tested so that removing it fails a test, and the stage's handoff checks."""
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForSequenceClassification
+from trl.experimental.ppo.ppo_trainer import truncate_response
+from trl.experimental.utils import get_reward
+
+from pipeline import demo
+from pipeline.errors import PipelineError
+from pipeline.tokenizer import train_bpe
+from stages.ppo import KLBudget, Standardize, check_handoff, ppo_arguments
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe(demo.generate_corpus(300, 0), 400, 128)
+
+
+def ppo_config(overrides=()):
+    from hydra import compose, initialize_config_dir
+    from pipeline.config import validate
+    from tests.test_sft import CONF
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return validate(compose(config_name="ppo", overrides=["experiment=ci", *overrides]))
+
+
+def reward_model(tok):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=64, num_labels=1, pad_token_id=tok.pad_token_id)
+    return LlamaForSequenceClassification(cfg).eval()
+
+
+def test_score_is_read_at_the_eos_not_at_padding(tok):
+    rm = reward_model(tok)
+    query = torch.tensor([tok("Is it good?")["input_ids"]])
+    response = tok("Yes.")["input_ids"] + [tok.eos_token_id]
+    padded = torch.tensor([response + [tok.pad_token_id] * 5])
+    _, score, _ = get_reward(rm, torch.cat([query, padded], 1), tok.pad_token_id, query.shape[1])
+    with torch.no_grad():
+        at_eos = rm(input_ids=torch.cat([query, torch.tensor([response])], 1)).logits[0, 0]
+    assert score.item() == pytest.approx(at_eos.item(), abs=1e-5)
+    # with pad == eos the score would be read one token early: the handoff check refuses that tokenizer
+    bad = train_bpe(demo.generate_corpus(50, 0), 300, 64)
+    bad.pad_token = bad.eos_token
+    with pytest.raises(PipelineError, match="pad token must differ from eos"):
+        check_handoff(bad, bad, "sft-x", "reward-y")
+
+
+def test_tokens_after_the_stop_token_are_masked(tok):
+    eos, pad = tok.eos_token_id, tok.pad_token_id
+    responses = torch.tensor([[5, 6, eos, 7, 8, 9], [5, 6, 7, 8, 9, 10]])
+    out = truncate_response(eos, pad, responses)
+    assert out[0].tolist() == [5, 6, eos, pad, pad, pad]
+    assert out[1].tolist() == [5, 6, 7, 8, 9, 10]  # no eos: kept whole, and penalised (below)
+
+
+def run_like(cfg):
+    state = SimpleNamespace(num_processes=1)
+    return SimpleNamespace(cfg=cfg, trainer_dir="/tmp/unused", report_to="none", entry=SimpleNamespace(id="t"),
+                           state=state)
+
+
+def test_the_stage_wires_each_detail_into_trl():
+    cfg = ppo_config(["ppo.missing_eos_penalty=2.5", "ppo.kl_coef=0.3", "ppo.temperature=0.9"])
+    args = ppo_arguments(run_like(cfg))
+    assert args.stop_token == "eos"  # truncation at the stop token; score read at the eos
+    assert args.missing_eos_penalty == 2.5  # a response without eos is penalised
+    assert args.kl_coef == 0.3 and args.kl_estimator == "k1"  # per-token KL to the reference
+    assert args.temperature == 0.9  # one temperature for sampling and log-probabilities
+    assert args.gamma == 1.0 and args.lam == 0.95  # GAE
+    assert args.total_episodes == cfg.trainer.max_steps * cfg.trainer.per_device_train_batch_size
+
+
+def test_rewards_are_normalised_with_the_stored_statistics():
+    head = torch.nn.Linear(4, 1, bias=False)
+    torch.nn.init.constant_(head.weight, 1.0)
+    norm = Standardize(head, mean=2.0, std=4.0)
+    x = torch.ones(1, 3, 4)  # (B, T, hidden): raw score 4
+    assert norm(x)[0, 0, 0].item() == pytest.approx((4.0 - 2.0) / 4.0)
+
+
+def test_kl_budget_stops_and_records():
+    cb = KLBudget(5.0)
+    state = SimpleNamespace(global_step=7)
+    cb.on_log(None, state, None, logs={"objective/kl": 4.0})
+    assert cb.fired_at is None
+    with pytest.raises(KLBudget.Exceeded):
+        cb.on_log(None, state, None, logs={"objective/kl": 6.0})
+    assert cb.fired_at == {"step": 7, "kl": 6.0}
+
+
+def test_tokenizer_mismatch_names_both_checkpoints(tok):
+    other = train_bpe(demo.generate_corpus(300, 1), 350, 128)
+    with pytest.raises(PipelineError) as e:
+        check_handoff(tok, other, "sft-aaa", "reward-bbb")
+    assert "sft-aaa" in str(e.value) and "reward-bbb" in str(e.value) and "vocabulary size" in str(e.value)
+    check_handoff(tok, tok, "sft-aaa", "reward-bbb")  # identical tokenizers pass
+
+
+# --- the real command, at micro sizes -------------------------------------------------------------
+
+from tests.conftest import make, registry_entries  # noqa: E402
+
+TINY = "experiment=ci eval.num_prompts=16 ppo.gold_every=2 ppo.gold_prompts=8"
+
+
+@pytest.mark.slow
+def test_ppo_runs_after_sft_and_reward_with_both_parents(home):
+    r = make("ppo", home, "experiment=ci")
+    assert r.returncode != 0 and "make sft" in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
+    for stage in ("pretrain", "sft"):
+        r = make(stage, home, "experiment=ci eval.num_prompts=8")
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = make("ppo", home, "experiment=ci")
+    assert r.returncode != 0 and "make reward" in r.stdout + r.stderr
+    assert not [e for e in registry_entries(home, "ppo")]
+    r = make("reward", home, "experiment=ci trainer.max_steps=10")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = make("ppo", home, f"{TINY} trainer.max_steps=4")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    [sft], [rw], [e] = (registry_entries(home, s) for s in ("sft", "reward", "ppo"))
+    assert e["status"] == "complete" and sorted(e["parents"]) == sorted([sft["id"], rw["id"]])
+    m = e["metrics"]
+    for k in ("reward_mean", "baseline_reward_mean", "gold_score", "baseline_gold_score", "kl", "response_length",
+              "eos_rate"):
+        assert k in m
+    assert m["ppo_steps"] == 4 and m["baseline_kl"] == pytest.approx(0.0, abs=1e-4)
+    import json, os
+    history = json.load(open(os.path.join(e["path"], "ppo_history.json")))
+    assert len(history["log"]) == 4 and [g["step"] for g in history["gold"]] == [2, 4]
+    assert os.path.exists(os.path.join(e["path"], "samples.md"))
+    # a rerun of a killed PPO attempt restarts cleanly and says so
+    from pipeline.registry import Registry
+    reg = Registry(home)
+    dead = reg.create("ppo", e["config"], e["parents"], cfg_hash=e["config_hash"])
+    reg.update(dead, pid=2 ** 22 + 4321)
+    r = make("ppo", home, f"{TINY} trainer.max_steps=4")
+    assert r.returncode == 0 and f"{dead.id} cannot be resumed" in r.stdout
+    assert reg.get(dead.id).status == "failed"

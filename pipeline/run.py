@@ -178,7 +178,6 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
         config = OmegaConf.to_container(cfg, resolve=True)
         registry = Registry(typed.registry.root)
         state = PartialState(cpu=not torch.cuda.is_available())  # gloo across CPU processes
-        tracking.wandb_dirs(registry.root) if typed.logging.backend == "wandb" else None
         resolved = inputs(typed, registry)
         parent_ids = [r.entry.id for r in resolved.values() if r.entry is not None]
         entry, resume_from = _open_entry(stage, typed, config, parent_ids, registry, state, resumable)

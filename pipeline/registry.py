@@ -21,7 +21,6 @@ import socket
 import sqlite3
 import subprocess
 import sys
-import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone

@@ -4,7 +4,6 @@ the main process and tell the other ranks, mark the entry complete or failed, an
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import sys
 import traceback

@@ -174,7 +174,7 @@ def test_bad_rows_are_named_or_skipped(home_with_pretrain, tmp_path, case):
     f.write_text("\n".join(json.dumps(r) for r in rows))
     r = make("sft", home, f"{CI} data=local data.path={f}")
     out = r.stdout + r.stderr
-    assert r.returncode != 0 and f"row 7: " in out and expect in out, out[-1500:]
+    assert r.returncode != 0 and "row 7: " in out and expect in out, out[-1500:]
     assert "Traceback" not in out and not complete(home)
     r = make("sft", home, f"{CI} data=local data.path={f} data.skip_bad_rows=true trainer.max_steps=5")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import shutil
+
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,3 +36,22 @@ def registry_entries(home: Path, stage: str | None = None) -> list[dict]:
 @pytest.fixture
 def home(tmp_path) -> Path:
     return tmp_path / "runs"
+
+
+def run_stages(home: Path, stages: tuple[str, ...], args: str) -> Path:
+    """Run stages in order into the registry at home, failing the test if one fails."""
+    for stage in stages:
+        r = make(stage, home, args)
+        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    return home
+
+
+def copy_registry(source: Path, tmp_path: Path) -> Path:
+    """A test's own copy of a registry that a module-scoped fixture prepared once."""
+    home = tmp_path / "runs"
+    shutil.copytree(source, home)
+    return home
+
+
+def complete_entries(home: Path, stage: str) -> list[dict]:
+    return [e for e in registry_entries(home, stage) if e["status"] == "complete"]

@@ -70,7 +70,7 @@ def test_packing_fills_every_block_with_real_tokens(tok):
     assert non_padding_share(blocks, tok.pad_token_id) == 1.0
     stream = [t for text in TEXTS for t in tok(text, add_special_tokens=False)["input_ids"] + [tok.eos_token_id]]
     assert ids == stream[:len(ids)] and len(stream) - len(ids) < 64 * 2  # only batch tails are dropped
-    assert ids.count(tok.eos_token_id) >= len(ids) // len(stream) * len(TEXTS) - 1
+    assert ids.count(tok.eos_token_id) >= len(TEXTS) - 3  # documents are separated by eos inside blocks
 
 
 def test_too_little_text_for_one_block_is_refused(tok):

@@ -1,13 +1,12 @@
 """The reward-model stage: each preference format trains, the scoring API agrees with the stage's metric,
 bad rows are named, and a missing upstream checkpoint gives the remedy."""
 import json
-import shutil
 
 import pytest
 
 from pipeline import demo
 from reward_model.scoring import RewardModel, as_text
-from tests.conftest import make, registry_entries
+from tests.conftest import complete_entries, copy_registry, make, registry_entries, run_stages
 
 pytestmark = pytest.mark.slow
 CI = "experiment=ci"
@@ -16,22 +15,16 @@ CI = "experiment=ci"
 @pytest.fixture(scope="module")
 def fine_tuned(tmp_path_factory):
     """ci-sized pretrain and sft runs, shared by the tests below (each copies the registry)."""
-    home = tmp_path_factory.mktemp("sft") / "runs"
-    for stage in ("pretrain", "sft"):
-        r = make(stage, home, f"{CI} eval.num_prompts=4")
-        assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return home
+    return run_stages(tmp_path_factory.mktemp("sft") / "runs", ("pretrain", "sft"), f"{CI} eval.num_prompts=4")
 
 
 @pytest.fixture
 def home_with_sft(fine_tuned, tmp_path):
-    home = tmp_path / "runs"
-    shutil.copytree(fine_tuned, home)
-    return home
+    return copy_registry(fine_tuned, tmp_path)
 
 
 def complete(home, stage="reward"):
-    return [e for e in registry_entries(home, stage) if e["status"] == "complete"]
+    return complete_entries(home, stage)
 
 
 def test_reward_trains_on_the_demo_and_the_api_agrees(home_with_sft):

@@ -1,6 +1,5 @@
 """The fine-tuning stage: assistant-only loss on the collated batch, and the real command end to end."""
 import json
-import shutil
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +13,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 from pipeline import demo
 from pipeline.config import register_schemas, validate
 from pipeline.tokenizer import train_bpe
-from tests.conftest import make, registry_entries
+from tests.conftest import complete_entries, copy_registry, make, registry_entries, run_stages
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 CI = "experiment=ci"
@@ -61,21 +60,16 @@ def test_only_response_tokens_carry_loss(tmp_path, fmt):
 @pytest.fixture(scope="module")
 def pretrained(tmp_path_factory):
     """A ci-sized pretraining run, shared by the tests below (each copies its registry)."""
-    home = tmp_path_factory.mktemp("pretrained") / "runs"
-    r = make("pretrain", home, CI)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    return home
+    return run_stages(tmp_path_factory.mktemp("pretrained") / "runs", ("pretrain",), CI)
 
 
 @pytest.fixture
 def home_with_pretrain(pretrained, tmp_path):
-    home = tmp_path / "runs"
-    shutil.copytree(pretrained, home)
-    return home
+    return copy_registry(pretrained, tmp_path)
 
 
 def complete(home, stage="sft"):
-    return [e for e in registry_entries(home, stage) if e["status"] == "complete"]
+    return complete_entries(home, stage)
 
 
 @pytest.mark.slow

@@ -21,6 +21,7 @@ import socket
 import sqlite3
 import subprocess
 import sys
+import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from datetime import datetime, timezone
@@ -125,7 +126,15 @@ class Registry:
         self.root.mkdir(parents=True, exist_ok=True)
         con = sqlite3.connect(self.db_path, timeout=60, isolation_level=None)
         con.execute("PRAGMA busy_timeout = 60000")
-        con.execute("PRAGMA journal_mode = WAL")
+        # WAL lets readers work while a stage writes. The mode is stored in the file, so it is set once; the
+        # switch takes a lock that does not wait on busy_timeout, so a process that loses the race retries.
+        for _ in range(200):
+            if con.execute("PRAGMA journal_mode").fetchone()[0] == "wal":
+                break
+            try:
+                con.execute("PRAGMA journal_mode = WAL")
+            except sqlite3.OperationalError:
+                time.sleep(0.05)
         cols = ", ".join(f"{c} TEXT" if c != "id" else "id TEXT PRIMARY KEY" for c in _COLUMNS)
         con.execute(f"CREATE TABLE IF NOT EXISTS entries ({cols})")
         return con

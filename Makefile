@@ -24,7 +24,8 @@ ifeq ($(ACCELERATE_CONFIG),)
   endif
   LAUNCH_FLAGS += --num_machines 1 --mixed_precision no --dynamo_backend no --num_cpu_threads_per_process $(THREADS)
 else
-  LAUNCH_FLAGS := --config_file $(ACCELERATE_CONFIG) $(if $(filter command line environment,$(origin NPROC)),--num_processes $(NPROC))
+  LAUNCH_FLAGS := --config_file $(ACCELERATE_CONFIG) $(if $(filter command line environment,$(origin NPROC)),--num_processes $(NPROC)) \
+    --num_cpu_threads_per_process $(THREADS)
 endif
 LAUNCH := $(VENV)/bin/accelerate launch --quiet $(LAUNCH_FLAGS) -m
 

@@ -133,6 +133,11 @@ class TrainerConfig:
     save_total_limit: int = 2
     # Data-loading worker processes (0 loads in the training process).
     dataloader_num_workers: int = 0
+    # Recompute activations in the backward pass: less memory for about a third more compute. Off by
+    # default (TRL's trainers turn it on); turn it on for a large model on a small GPU.
+    gradient_checkpointing: bool = False
+    # Batch sequences (or preference pairs) of similar length together: far less padding when lengths vary.
+    group_by_length: bool = False
 
     def __post_init__(self):
         if self.max_steps <= 0:

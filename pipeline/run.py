@@ -119,6 +119,8 @@ def trainer_arguments(t: TrainerConfig, run: StageRun) -> dict:
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
+        gradient_checkpointing=t.gradient_checkpointing,
+        train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         bf16=t.mixed_precision == "bf16",
         fp16=t.mixed_precision == "fp16",
         logging_steps=t.logging_steps,
@@ -186,10 +188,11 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
         entry, resume_from = shared
         if state.is_main_process:
             (Path(entry.path) / "pipeline_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
+            procs = f"{state.num_processes} process{'es' if state.num_processes > 1 else ''}, {state.device.type}"
             if resume_from:
-                print(f"[{stage}] Resuming {entry.id} from {resume_from}", flush=True)
+                print(f"[{stage}] Resuming {entry.id} from {resume_from} ({procs})", flush=True)
             else:
-                print(f"[{stage}] New entry {entry.id} at {entry.path}", flush=True)
+                print(f"[{stage}] New entry {entry.id} at {entry.path} ({procs})", flush=True)
         report_to = tracking.start_run(typed.logging, stage, entry, config, registry.root) \
             if state.is_main_process else "none"
         run = StageRun(stage, typed, config, registry, entry, state, resume_from, report_to, resolved)

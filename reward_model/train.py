@@ -20,6 +20,7 @@ import torch
 from datasets import Dataset
 from omegaconf import DictConfig
 from transformers import AutoModelForSequenceClassification
+from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import RewardConfig as TRLRewardConfig
 from trl import RewardTrainer
 
@@ -55,6 +56,21 @@ def load_backbone(path: str, trust_remote_code: bool):
     return model, tok
 
 
+class PairTrainer(RewardTrainer):
+    """TRL's RewardTrainer; with trainer.group_by_length it batches pairs by their longer side.
+
+    (The Trainer's own length grouping looks for an input_ids column, which preference pairs lack.)
+    """
+
+    def _get_train_sampler(self, train_dataset=None):
+        dataset = self.train_dataset if train_dataset is None else train_dataset
+        if self.args.train_sampling_strategy != "group_by_length":
+            return super()._get_train_sampler(train_dataset)
+        lengths = [max(len(c), len(r)) for c, r in zip(dataset["chosen_ids"], dataset["rejected_ids"])]
+        return LengthGroupedSampler(self.args.train_batch_size * self.args.gradient_accumulation_steps,
+                                    lengths=lengths)
+
+
 def pearson(xs: list[float], ys: list[float]) -> float:
     if len(xs) < 2 or statistics.pstdev(xs) == 0 or statistics.pstdev(ys) == 0:
         return 0.0
@@ -84,7 +100,7 @@ def reward(run: StageRun) -> dict:
 
     args = TRLRewardConfig(**trainer_arguments(cfg.trainer, run), max_length=cfg.data.max_length,
                            disable_dropout=True, dataset_num_proc=None)
-    trainer = RewardTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
+    trainer = PairTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
                             eval_dataset=Dataset.from_list(eval_pairs), processing_class=tok,
                             peft_config=lora_config(cfg.peft, "SEQ_CLS"), callbacks=[StopOnNonFiniteLoss()])
     result = trainer.train(resume_from_checkpoint=run.resume_from)

@@ -110,3 +110,23 @@ def test_missing_sft_gives_the_remedy(home):
     out = r.stdout + r.stderr
     assert r.returncode != 0 and "make sft" in out and str(home) in out and "Traceback" not in out
     assert registry_entries(home) == []
+
+
+def test_group_by_length_batches_pairs_of_similar_length(fine_tuned, tmp_path):
+    """trainer.group_by_length: far less padding than random batches on pairs of mixed lengths."""
+    from datasets import Dataset
+    from trl import RewardConfig as TRLRewardConfig
+    from reward_model.train import PairTrainer, load_backbone
+
+    [sft] = complete_entries(fine_tuned, "sft")
+    model, tok = load_backbone(sft["path"], trust_remote_code=False)
+    pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in demo.generate_preferences(64, 5)]
+
+    def padding(strategy: str) -> int:
+        args = TRLRewardConfig(output_dir=str(tmp_path / strategy), per_device_train_batch_size=4, use_cpu=True,
+                               train_sampling_strategy=strategy, report_to=[], seed=0)
+        trainer = PairTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok)
+        return sum(int((b["attention_mask"] == 0).sum()) for b in trainer.get_train_dataloader())
+
+    grouped, shuffled = padding("group_by_length"), padding("random")
+    assert grouped < 0.7 * shuffled, (grouped, shuffled)

@@ -29,7 +29,7 @@ else
 endif
 LAUNCH := $(VENV)/bin/accelerate launch --quiet $(LAUNCH_FLAGS) -m
 
-.PHONY: install pretrain sft reward ppo rlhf test registry clean-venv
+.PHONY: install pretrain sft reward ppo rlhf all report test registry clean-venv
 
 install: $(STAMP)
 
@@ -52,6 +52,20 @@ ppo: install
 	$(LAUNCH) stages.ppo $(ARGS)
 
 rlhf: reward ppo
+
+# The whole pipeline as one run: every stage under one PIPELINE_ID (its wandb group), each finding its
+# input in the registry, then the summary table and the report (PIPELINE_HOME/pipelines/PIPELINE_ID/).
+all: install
+	@set -e; export PIPELINE_ID=$${PIPELINE_ID:-pipeline-$$(date -u +%Y%m%d-%H%M%S)}; \
+	echo "Pipeline run $$PIPELINE_ID"; \
+	for stage in stages.pretrain stages.sft reward_model.train stages.ppo; do \
+	  echo "$(LAUNCH) $$stage $(ARGS)"; $(LAUNCH) $$stage $(ARGS); \
+	done; \
+	$(PY) -m pipeline.report $$PIPELINE_ID
+
+# The report of a pipeline run: PIPELINE_ID=... (default: the newest).
+report: install
+	$(PY) -m pipeline.report $(PIPELINE_ID)
 
 test: install
 	$(PY) -m pytest -q $(PYTEST_ARGS)

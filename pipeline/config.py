@@ -25,6 +25,9 @@ class RegistryConfig:
     root: str = "${oc.env:PIPELINE_HOME,runs}"
     # Keep the trainer's intermediate checkpoints (optimizer state) after a run completes.
     keep_trainer_checkpoints: bool = False
+    # Also log each complete checkpoint to wandb as a model artifact named by its entry id, whose lineage
+    # follows the registry's parents (with logging=wandb; offline runs upload on `wandb sync`).
+    wandb_artifacts: bool = False
 
 
 @dataclass

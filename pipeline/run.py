@@ -3,14 +3,17 @@ the main process and tell the other ranks, mark the entry complete or failed, an
 """
 from __future__ import annotations
 
+import json
 import math
 import shutil
 import sys
+import time
 import traceback
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Optional
 
+import psutil
 import torch
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
@@ -23,6 +26,7 @@ from pipeline.registry import Entry, Registry, config_hash
 
 # Settings that do not change what a run computes: a rerun that differs only in these resumes.
 NOT_HASHED = ("resume", "logging")
+LOG_HISTORY = "log_history.json"  # the trainer's logged metrics, saved beside each checkpoint
 
 
 @dataclass
@@ -153,6 +157,8 @@ def save_hf_directory(trainer, tok, run: StageRun) -> None:
         trainer.model.save_pretrained(run.entry.path)
     if run.is_main:
         tok.save_pretrained(run.entry.path)
+        # the logged training curve, for the run report (trainer checkpoints are removed on completion)
+        (Path(run.entry.path) / LOG_HISTORY).write_text(json.dumps(trainer.state.log_history))
     run.state.wait_for_everyone()
 
 
@@ -200,7 +206,13 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
             run.log(f"{name}: {r.entry.id if r.entry else r.path} ({r.path})")
         metrics = body(run)
         if state.is_main_process:
-            registry.complete(entry, metrics)
+            metrics["wall_time_s"] = time.time() - psutil.Process().create_time()  # the stage's whole process
+            entry = registry.complete(entry, metrics)
+            if typed.registry.wandb_artifacts and report_to == "wandb":
+                try:
+                    tracking.log_checkpoint(entry)
+                except Exception as e:  # the checkpoint is complete whether or not wandb takes a copy
+                    print(f"[{stage}] WARNING: the checkpoint was not logged to wandb: {e}", flush=True)
             if not typed.registry.keep_trainer_checkpoints:
                 shutil.rmtree(run.trainer_dir, ignore_errors=True)
             print(f"[{stage}] Complete: {entry.id}", flush=True)

@@ -36,6 +36,32 @@ def start_run(cfg: LoggingConfig, stage: str, entry, config: dict, root: Path) -
     return "wandb"
 
 
+def log_checkpoint(entry) -> None:
+    """Mirror a complete checkpoint as a wandb model artifact named by its entry id.
+
+    Its metadata names the parents' artifacts; an online run also `use`s them, so that wandb's lineage
+    graph follows the registry (a parent that was never mirrored is skipped with a note).
+    """
+    import wandb
+
+    if wandb.run is None:
+        return
+    root = Path(entry.path)
+    artifact = wandb.Artifact(entry.id, type="model", metadata={
+        "stage": entry.stage, "registry_id": entry.id, "parents": [f"{p}:latest" for p in entry.parents],
+        "metrics": entry.metrics, "pipeline_id": entry.pipeline_id})
+    for f in sorted(root.rglob("*")):
+        if f.is_file() and f.relative_to(root).parts[0] != "trainer":  # not the trainer's own checkpoints
+            artifact.add_file(str(f), name=str(f.relative_to(root)))
+    if not wandb.run.settings._offline:
+        for parent in entry.parents:
+            try:
+                wandb.run.use_artifact(f"{parent}:latest")
+            except Exception as e:  # the parent's run did not mirror its checkpoint
+                print(f"wandb: no artifact for parent {parent} ({e}); lineage starts here", flush=True)
+    wandb.run.log_artifact(artifact, aliases=["latest", entry.stage])
+
+
 def finish_run() -> None:
     import sys
     if "wandb" in sys.modules:

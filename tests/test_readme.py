@@ -24,4 +24,5 @@ def test_quickstart_commands_work(home):
         cmd = cmd.replace("python ", ".venv/bin/python ", 1) if cmd.startswith("python ") else cmd
         r = subprocess.run(cmd, shell=True, cwd=ROOT, env=env_for(home), capture_output=True, text=True, timeout=600)
         assert r.returncode == 0, f"{cmd}\n{r.stdout[-1500:]}\n{r.stderr[-1500:]}"
-    assert "pretrain-" in r.stdout and "complete" in r.stdout  # the registry lists the entry
+    for stage in ("pretrain", "sft", "reward", "ppo"):  # the registry lists the entries it left
+        assert f"{stage}-" in r.stdout, r.stdout

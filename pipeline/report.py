@@ -1,0 +1,177 @@
+"""The report of one pipeline run: a summary table, each stage's curves as PNGs, one Markdown page.
+
+    python -m pipeline.report                  # the newest pipeline run in the registry
+    python -m pipeline.report PIPELINE_ID      # a given one (make report PIPELINE_ID=...)
+
+A pipeline run is what `make all` starts under one PIPELINE_ID: its entries carry that id. The report goes
+to <registry root>/pipelines/<PIPELINE_ID>/: report.md, loss_<stage>.png, ppo.png, summary.txt.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from datetime import datetime
+from pathlib import Path
+
+from pipeline.errors import PipelineError
+from pipeline.registry import STAGES, Entry, Registry
+from pipeline.run import LOG_HISTORY
+
+# What the summary shows of each stage, in order.
+SUMMARY_METRICS = {
+    "pretrain": ("initial_eval_loss", "eval_loss", "perplexity"),
+    "sft": ("eval_loss", "baseline_gold_score", "gold_score"),
+    "reward": ("eval_accuracy", "eval_margin", "score_std"),
+    "ppo": ("baseline_reward_mean", "reward_mean", "baseline_gold_score", "gold_score", "kl"),
+}
+
+
+def pipeline_dir(registry: Registry, pipeline_id: str) -> Path:
+    return registry.root / "pipelines" / pipeline_id
+
+
+def latest_pipeline_id(registry: Registry) -> str:
+    ids = [e.pipeline_id for e in registry.entries() if e.pipeline_id]
+    if not ids:
+        raise PipelineError(f"no pipeline runs in {registry.root}: `make all` starts one")
+    return ids[-1]
+
+
+def stage_entries(registry: Registry, pipeline_id: str) -> list[Entry]:
+    """The pipeline's entry for each stage it ran: the newest complete one, else the newest attempt."""
+    mine = [e for e in registry.entries() if e.pipeline_id == pipeline_id]
+    if not mine:
+        known = sorted({e.pipeline_id for e in registry.entries() if e.pipeline_id})
+        raise PipelineError(f"no entries of pipeline run '{pipeline_id}' in {registry.root}; "
+                            f"known runs: {', '.join(known) or 'none'}")
+    chosen = []
+    for stage in STAGES:
+        tries = [e for e in mine if e.stage == stage]
+        done = [e for e in tries if e.status == "complete"]
+        if tries:
+            chosen.append((done or tries)[-1])
+    return chosen
+
+
+def wall_time_s(e: Entry) -> float | None:
+    """The stage's process from start to completion (the entry's own times for older entries)."""
+    if "wall_time_s" in e.metrics or not e.finished_at:
+        return e.metrics.get("wall_time_s")
+    return (datetime.fromisoformat(e.finished_at) - datetime.fromisoformat(e.created_at)).total_seconds()
+
+
+def summary_table(entries: list[Entry]) -> str:
+    rows = [("stage", "entry", "status", "wall time", "key metrics")]
+    for e in entries:
+        wall = wall_time_s(e)
+        shown = ", ".join(f"{k}={e.metrics[k]:.4g}" for k in SUMMARY_METRICS[e.stage] if k in e.metrics)
+        rows.append((e.stage, e.id, e.status, f"{wall:.0f} s" if wall is not None else "-", shown))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)
+
+
+def read_json(path: Path):
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def plot_training(e: Entry, out: Path) -> Path | None:
+    """Training loss against step (and, for a reward model, pair accuracy) from the saved log history."""
+    import matplotlib.pyplot as plt
+
+    log = [h for h in read_json(Path(e.path) / LOG_HISTORY) or [] if "loss" in h and "step" in h]
+    if not log:
+        return None
+    panels = [("loss", "training loss")] + ([("accuracy", "pair accuracy (train batches)")]
+                                             if e.stage == "reward" else [])
+    fig, axes = plt.subplots(1, len(panels), figsize=(5.5 * len(panels), 3.6), squeeze=False)
+    for ax, (key, label) in zip(axes[0], panels):
+        points = [(h["step"], float(h[key])) for h in log if key in h]
+        ax.plot(*zip(*points), marker=".")
+        ax.set(xlabel="step", ylabel=label, title=f"{e.stage}: {label}")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / f"loss_{e.stage}.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def plot_ppo(e: Entry, out: Path) -> Path | None:
+    """Reward-model score, KL to the reference and (on the demo) the gold score over PPO updates."""
+    import matplotlib.pyplot as plt
+
+    history = read_json(Path(e.path) / "ppo_history.json") or {}
+    log = [h for h in history.get("log", []) if "objective/scores" in h]
+    if not log:
+        return None
+    gold = history.get("gold", [])
+    panels = [("objective/scores", "reward-model score (normalized)"), ("objective/kl", "KL to the SFT policy")]
+    fig, axes = plt.subplots(1, len(panels) + bool(gold), figsize=(5 * (len(panels) + bool(gold)), 3.6))
+    for ax, (key, label) in zip(axes, panels):
+        ax.plot([h["step"] for h in log], [h[key] for h in log], marker=".")
+        ax.set(xlabel="PPO update", ylabel=label, title=label)
+        ax.grid(alpha=0.3)
+    if gold:
+        ax = axes[-1]
+        ax.plot([g["step"] for g in gold], [g["gold_score"] for g in gold], marker="o", color="tab:green")
+        ax.set(xlabel="PPO update", ylabel="gold score", title="gold score (held-out prompts, never trained on)")
+        ax.grid(alpha=0.3)
+    fig.tight_layout()
+    path = out / "ppo.png"
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+    return path
+
+
+def write_report(registry: Registry, pipeline_id: str) -> Path:
+    """Write the report of a pipeline run; return the path of its Markdown page."""
+    import matplotlib
+    matplotlib.use("Agg")
+
+    entries = stage_entries(registry, pipeline_id)
+    out = pipeline_dir(registry, pipeline_id)
+    out.mkdir(parents=True, exist_ok=True)
+    table = summary_table(entries)
+    (out / "summary.txt").write_text(table + "\n")
+
+    lines = [f"# Pipeline run {pipeline_id}", "", f"Registry: `{registry.root}`", "", "```", table, "```", ""]
+    for e in entries:
+        lines += [f"## {e.stage}: `{e.id}` ({e.status})", ""]
+        if e.parents:
+            lines += ["Parents: " + ", ".join(f"`{p}`" for p in e.parents), ""]
+        if e.metrics:
+            lines += ["| metric | value |", "|---|---|"]
+            lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
+                      for k, v in sorted(e.metrics.items())]
+            lines.append("")
+        for plot in (plot_training(e, out), plot_ppo(e, out) if e.stage == "ppo" else None):
+            if plot is not None:
+                lines += [f"![{plot.stem}]({plot.name})", ""]
+        samples = Path(e.path) / "samples.md"
+        if e.stage == "ppo" and samples.exists():
+            lines += ["### SFT and PPO responses to the same held-out prompts", "", samples.read_text(), ""]
+    page = out / "report.md"
+    page.write_text("\n".join(lines))
+    return page
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pipeline.report", description=__doc__.split("\n")[0])
+    parser.add_argument("pipeline_id", nargs="?", help="the pipeline run (default: the newest)")
+    parser.add_argument("--root", help="registry root (default: PIPELINE_HOME or runs)")
+    args = parser.parse_args(argv)
+    try:
+        registry = Registry(args.root)
+        pipeline_id = args.pipeline_id or latest_pipeline_id(registry)
+        page = write_report(registry, pipeline_id)
+    except PipelineError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print((page.parent / "summary.txt").read_text(), end="")
+    print(f"Report: {page}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,74 @@
+"""`make all`: the four stages under one pipeline run id, their lineage, the run report, and the wandb
+runs and model artifacts of the pipeline (offline)."""
+import json
+
+import pytest
+
+from tests.conftest import ROOT, complete_entries, env_for, make, registry_entries
+from tests.wandb_records import runs_and_artifacts
+
+pytestmark = pytest.mark.slow
+PIPELINE_ID = "pipeline-test"
+
+
+@pytest.fixture(scope="module")
+def pipeline_home(tmp_path_factory):
+    home = tmp_path_factory.mktemp("all") / "runs"
+    r = make("all", home, "experiment=ci logging=wandb registry.wandb_artifacts=true", timeout=900,
+             PIPELINE_ID=PIPELINE_ID)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    return home, r.stdout
+
+
+def test_four_complete_entries_with_their_lineage(pipeline_home):
+    home, _ = pipeline_home
+    entries = registry_entries(home)
+    assert sorted(e["stage"] for e in entries) == ["ppo", "pretrain", "reward", "sft"]
+    assert all(e["status"] == "complete" for e in entries)
+    [pre], [sft], [rw], [ppo] = (complete_entries(home, s) for s in ("pretrain", "sft", "reward", "ppo"))
+    assert pre["parents"] == [] and sft["parents"] == [pre["id"]] and rw["parents"] == [sft["id"]]
+    assert sorted(ppo["parents"]) == sorted([sft["id"], rw["id"]])
+    manifests = [json.loads((ROOT / e["path"] / "manifest.json").read_text()) for e in entries]
+    assert {m["pipeline_id"] for m in manifests} == {PIPELINE_ID}
+
+
+def test_summary_table_and_report(pipeline_home):
+    home, out = pipeline_home
+    table = out[out.index("stage  "):]
+    for e in registry_entries(home):
+        assert f"{e['stage']}" in table and e["id"] in table
+    report = home / "pipelines" / PIPELINE_ID
+    page = (report / "report.md").read_text()
+    for png in ("loss_pretrain.png", "loss_sft.png", "loss_reward.png", "ppo.png"):
+        assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
+        assert f"]({png})" in page
+    assert "| prompt | SFT | PPO |" in page  # the samples side by side
+
+
+def test_make_report_rebuilds_it_and_names_an_unknown_run(pipeline_home):
+    home, _ = pipeline_home
+    page = home / "pipelines" / PIPELINE_ID / "report.md"
+    page.unlink()
+    r = make("report", home, PIPELINE_ID=PIPELINE_ID)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert page.exists() and f"Report: {page}" in r.stdout
+    r = make("report", home, PIPELINE_ID="no-such-run")
+    assert r.returncode != 0 and "no entries of pipeline run 'no-such-run'" in r.stderr
+    assert PIPELINE_ID in r.stderr  # and it lists the runs it knows
+
+
+def test_wandb_runs_share_a_group_and_artifacts_follow_the_lineage(pipeline_home):
+    home, _ = pipeline_home
+    runs, artifacts = runs_and_artifacts(home / "wandb")
+    entries = {e["id"]: e for e in registry_entries(home)}
+    assert sorted(r.job_type for r in runs) == ["ppo", "pretrain", "reward", "sft"]
+    assert {r.run_group for r in runs} == {PIPELINE_ID}
+    assert {r.display_name for r in runs} == set(entries)
+    models = [a for a in artifacts if a.type == "model"]  # (the PPO samples table is an artifact too)
+    assert sorted(a.name for a in models) == sorted(entries)
+    for a in models:
+        meta = json.loads(a.metadata)
+        assert meta["registry_id"] == a.name and meta["pipeline_id"] == PIPELINE_ID
+        assert meta["parents"] == [f"{p}:latest" for p in entries[a.name]["parents"]]
+        files = {f.path for f in a.manifest.contents}
+        assert "model.safetensors" in files and "manifest.json" in files

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import resource
 import shutil
 import sys
 import time
@@ -82,14 +83,45 @@ def last_trainer_checkpoint(trainer_dir: Path) -> Optional[str]:
 
 
 class StopOnNonFiniteLoss(TrainerCallback):
-    """Stop at the first logged NaN/inf loss; the last trainer checkpoint stays as it was."""
+    """Stop at the first non-finite loss or weights, before a bad trainer checkpoint can be written.
+
+    A NaN/inf gradient turns every weight NaN at the optimizer step (clipping spreads it), so one trained
+    tensor shows it; the check runs after each step, ahead of the Trainer's save. The logged loss is checked too.
+    """
+
+    def on_step_end(self, args, state, control, model=None, **kwargs):
+        weight = next(p for p in model.parameters() if p.requires_grad).detach()
+        weight = weight.to_local() if hasattr(weight, "to_local") else weight  # a sharded (FSDP) parameter
+        if weight.numel() and not torch.isfinite(weight).all():
+            self._stop("the weights became non-finite", state.global_step, args)
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         loss = (logs or {}).get("loss")
         if loss is not None and not math.isfinite(loss):
-            raise PipelineError(f"the training loss became {loss} at step {state.global_step}; lower "
-                                f"trainer.learning_rate or check the data. The last good trainer checkpoint "
-                                f"is kept in {args.output_dir}")
+            self._stop(f"the training loss became {loss}", state.global_step, args)
+
+    @staticmethod
+    def _stop(what: str, step: int, args) -> None:
+        kept = last_trainer_checkpoint(Path(args.output_dir))
+        raise PipelineError(f"{what} at step {step}; lower trainer.learning_rate or check the data. "
+                            + (f"The last good trainer checkpoint is kept: {kept}" if kept else
+                               "No trainer checkpoint was written before it."))
+
+
+class StepTimer(TrainerCallback):
+    """Steady-state seconds per optimizer step, everything the Trainer does in a step included; the first
+    `skip` steps (warm-up: allocations, first-call overheads) are left out."""
+
+    def __init__(self, skip: int = 5):
+        self.skip = skip
+        self.ends: list[float] = []
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self.ends.append(time.perf_counter())
+
+    def seconds_per_step(self) -> float:
+        first = min(self.skip, max(len(self.ends) - 2, 0))
+        return (self.ends[-1] - self.ends[first]) / max(len(self.ends) - 1 - first, 1)
 
 
 def _open_entry(stage: str, cfg, config: dict, parents: list[str], registry: Registry, state, resumable: bool):
@@ -128,6 +160,7 @@ def trainer_arguments(t: TrainerConfig, run: StageRun) -> dict:
         bf16=t.mixed_precision == "bf16",
         fp16=t.mixed_precision == "fp16",
         logging_steps=t.logging_steps,
+        logging_nan_inf_filter=False,  # a NaN loss must show, not be averaged away
         save_strategy="steps",
         save_steps=t.save_steps,
         save_total_limit=t.save_total_limit,
@@ -207,6 +240,7 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
         metrics = body(run)
         if state.is_main_process:
             metrics["wall_time_s"] = time.time() - psutil.Process().create_time()  # the stage's whole process
+            metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
             entry = registry.complete(entry, metrics)
             if typed.registry.wandb_artifacts and report_to == "wandb":
                 try:

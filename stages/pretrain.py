@@ -21,7 +21,7 @@ from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data
 from pipeline.config import PretrainConfig, register_schemas
 from pipeline.data import fingerprint, load_corpus, non_padding_share, pack_into_blocks
 from pipeline.models import build_llama, count_parameters, load_causal_lm, match_tokenizer
-from pipeline.run import StageRun, StopOnNonFiniteLoss, run_stage, save_hf_directory, trainer_arguments
+from pipeline.run import StageRun, StepTimer, StopOnNonFiniteLoss, run_stage, save_hf_directory, trainer_arguments
 from pipeline.tokenizer import add_pipeline_tokens, load_tokenizer, tokenizer_fingerprint, train_bpe
 
 register_schemas()
@@ -71,9 +71,10 @@ def pretrain(run: StageRun) -> dict:
 
     # --- trainer
     args = TrainingArguments(**trainer_arguments(cfg.trainer, run))
+    timer = StepTimer()
     trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
                       data_collator=default_data_collator, processing_class=tok,
-                      callbacks=[StopOnNonFiniteLoss()])
+                      callbacks=[StopOnNonFiniteLoss(), timer])
 
     # --- the loss before training is measured once and kept in the entry, so a resumed run reports it too
     if "initial_eval_loss" not in run.entry.metrics:
@@ -99,6 +100,8 @@ def pretrain(run: StageRun) -> dict:
         "train_loss": result.training_loss,
         "packing_efficiency": packing,
         "train_tokens_per_s": tokens / max(result.metrics["train_runtime"], 1e-9),
+        # past the first steps: what `make bench` compares with a bare PyTorch loop
+        "steady_tokens_per_s": tokens / max(steps_run, 1) / timer.seconds_per_step(),
         "train_runtime_s": result.metrics["train_runtime"],
         "parameters": count_parameters(model),
         "global_step": result.global_step,

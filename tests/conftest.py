@@ -1,11 +1,12 @@
 """Shared helpers: run the project's real commands against a temporary registry, never the network."""
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
-
-import shutil
 
 import pytest
 
@@ -51,6 +52,32 @@ def copy_registry(source: Path, tmp_path: Path) -> Path:
     home = tmp_path / "runs"
     shutil.copytree(source, home)
     return home
+
+
+def start(target: str, home: Path, args: str = "", **kw) -> subprocess.Popen:
+    """`make TARGET` in the background, in its own process group (so that a test can kill it all)."""
+    cmd = ["make", "--no-print-directory", target, f"ARGS={args}"] + [f"{k}={v}" for k, v in kw.items()]
+    return subprocess.Popen(cmd, cwd=ROOT, env=env_for(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                            text=True, start_new_session=True)
+
+
+def kill(p: subprocess.Popen) -> None:
+    """kill -9 the whole process group: make, accelerate and the training process."""
+    try:
+        os.killpg(p.pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    p.communicate()
+
+
+def kill_after_first_checkpoint(target: str, home: Path, args: str, timeout: float = 300) -> None:
+    p = start(target, home, args)
+    deadline = time.time() + timeout
+    while time.time() < deadline and p.poll() is None and \
+            not list(home.glob("checkpoints/*/trainer/checkpoint-*/trainer_state.json")):
+        time.sleep(0.2)
+    assert p.poll() is None, f"make {target} ended before its first trainer checkpoint"
+    kill(p)
 
 
 def complete_entries(home: Path, stage: str) -> list[dict]:

@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from tests.conftest import ROOT, complete_entries, env_for, make, registry_entries
+from tests.conftest import ROOT, complete_entries, make, registry_entries
 from tests.wandb_records import runs_and_artifacts
 
 pytestmark = pytest.mark.slow

@@ -1,9 +1,6 @@
 """The pretraining stage through its real command (`make pretrain`), at micro sizes."""
 import json
 import os
-import signal
-import subprocess
-import time
 
 import pandas as pd
 import pytest
@@ -11,7 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import demo
-from tests.conftest import ROOT, env_for, make, registry_entries
+from tests.conftest import kill_after_first_checkpoint, make, registry_entries
 
 pytestmark = pytest.mark.slow
 CI = "experiment=ci"
@@ -94,14 +91,7 @@ def test_two_processes_make_one_entry(home):
 
 def test_killed_run_resumes_and_never_resolves_as_latest(home):
     args = f"{CI} trainer.max_steps=3000 trainer.save_steps=50 trainer.logging_steps=500"
-    cmd = ["make", "--no-print-directory", "pretrain", f"ARGS={args}"]
-    p = subprocess.Popen(cmd, cwd=ROOT, env=env_for(home), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-                         start_new_session=True)
-    deadline = time.time() + 300
-    while time.time() < deadline and not list(home.glob("checkpoints/*/trainer/checkpoint-*/trainer_state.json")):
-        time.sleep(0.5)
-    os.killpg(p.pid, signal.SIGKILL)
-    p.wait()
+    kill_after_first_checkpoint("pretrain", home, args)
     [killed] = registry_entries(home)
     assert killed["status"] == "running"
     from pipeline.registry import Registry

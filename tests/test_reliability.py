@@ -1,0 +1,146 @@
+"""Reliability: every stage resumes after kill -9, random kills never corrupt the registry, two stages at
+once both complete, a non-finite loss stops cleanly, and nothing unsafe is written or loaded."""
+import json
+import os
+import random
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from tests.conftest import (complete_entries, copy_registry, kill, kill_after_first_checkpoint, make,
+                            registry_entries, run_stages, start)
+
+pytestmark = pytest.mark.slow
+CI = "experiment=ci"
+LONG = "trainer.max_steps=300 trainer.save_steps=20 trainer.logging_steps=1000"
+
+
+def assert_registry_consistent(home: Path) -> None:
+    """The index and the manifests agree, and no entry is complete without its files."""
+    index = {e["id"]: e for e in registry_entries(home)}
+    manifests = {p.parent.name: json.loads(p.read_text()) for p in home.glob("checkpoints/*/manifest.json")}
+    assert set(manifests) == set(index)
+    for entry_id, e in index.items():
+        m = manifests[entry_id]
+        assert (m["status"], m["parents"], m["config_hash"]) == (e["status"], e["parents"], e["config_hash"])
+        if e["status"] == "complete":
+            for f in ("model.safetensors", "config.json", "tokenizer.json", "manifest.json"):
+                assert (Path(e["path"]) / f).exists(), f"{entry_id} is complete without {f}"
+
+
+@pytest.fixture(scope="module")
+def fine_tuned(tmp_path_factory):
+    return run_stages(tmp_path_factory.mktemp("sft") / "runs", ("pretrain", "sft"), f"{CI} eval.num_prompts=4")
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward"])
+def test_killed_stage_resumes_to_the_uninterrupted_result(fine_tuned, tmp_path, stage):
+    """kill -9 after the first trainer checkpoint; the rerun resumes (data position, optimizer, scheduler,
+    RNG) and ends where an uninterrupted run ends. (Pretraining: tests/test_pretrain.py.)"""
+    args = f"{CI} eval.num_prompts=4 {LONG}"
+    straight = copy_registry(fine_tuned, tmp_path / "straight")
+    r = make(stage, straight, args)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    reference = complete_entries(straight, stage)[-1]  # the newest (the fixture holds an sft entry too)
+
+    home = copy_registry(fine_tuned, tmp_path / "killed")
+    kill_after_first_checkpoint(stage, home, args)
+    [killed] = [e for e in registry_entries(home, stage) if e["status"] != "complete"]
+    assert killed["status"] == "running"
+    r = make(stage, home, args)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"Resuming {killed['id']} from" in r.stdout
+    resumed = complete_entries(home, stage)[-1]
+    assert resumed["id"] == killed["id"] and resumed["metrics"]["global_step"] == 300
+    assert resumed["metrics"]["eval_loss"] == pytest.approx(reference["metrics"]["eval_loss"], rel=0.01)
+    assert_registry_consistent(home)
+
+
+def test_random_kills_never_corrupt_the_registry(home):
+    """Fault injection: kill -9 at random points (before, during and after setup and checkpoints); after
+    each, the registry is consistent; the rerun completes. Run alone: pytest tests/test_reliability.py -k kills"""
+    # each attempt trains for at most ~10 s (about 400 steps) of its life, so no attempt finishes
+    args = f"{CI} trainer.max_steps=2000 trainer.save_steps=25 trainer.logging_steps=1000"
+    rng = random.Random(0)
+    for _ in range(4):
+        p = start("pretrain", home, args)
+        time.sleep(rng.uniform(2, 16))
+        kill(p)
+        assert_registry_consistent(home)
+        assert not complete_entries(home, "pretrain")
+    r = make("pretrain", home, args)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert_registry_consistent(home)
+    [done] = complete_entries(home, "pretrain")
+    assert done["metrics"]["global_step"] == 2000
+    assert all(e["status"] in ("failed", "running") for e in registry_entries(home) if e["id"] != done["id"])
+
+
+def test_two_stages_at_once_both_complete(home):
+    runs = [start("pretrain", home, CI) for _ in range(2)]
+    outs = [p.communicate(timeout=600)[0] for p in runs]
+    assert [p.returncode for p in runs] == [0, 0], outs[0][-1500:] + outs[1][-1500:]
+    entries = complete_entries(home, "pretrain")
+    assert len(entries) == 2 and entries[0]["id"] != entries[1]["id"]
+    assert_registry_consistent(home)
+
+
+def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(home):
+    args = (f"{CI} trainer.learning_rate=1e6 trainer.warmup_steps=100 trainer.lr_scheduler_type=linear "
+            "trainer.max_grad_norm=0 trainer.save_steps=1 trainer.logging_steps=1")
+    r = make("pretrain", home, args)
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "Traceback" not in out, out[-2000:]
+    assert "became non-finite at step" in out or "the training loss became nan at step" in out, out[-2000:]
+    [e] = registry_entries(home)
+    assert e["status"] == "failed" and "at step" in e["note"]
+    kept = sorted(Path(e["path"], "trainer").glob("checkpoint-*"), key=lambda p: int(p.name.split("-")[1]))
+    assert kept, "no trainer checkpoint kept"
+    assert f"The last good trainer checkpoint is kept: {kept[-1]}" in out
+    for ckpt in kept:  # every checkpoint on disk is a good one
+        assert all(torch.isfinite(t).all() for t in load_file(ckpt / "model.safetensors").values()), ckpt
+
+
+SECRET = "sEcReT-c4n4ry-7f2e"
+
+
+def test_no_secret_lands_in_any_file_a_run_writes(home):
+    env = {"WANDB_API_KEY": "local-" + SECRET, "HF_TOKEN": "hf_" + SECRET, "MY_SERVICE_TOKEN": SECRET,
+           "OTHER_API_KEY": SECRET}
+    os.environ.update(env)  # make() passes the environment on
+    try:
+        r = make("pretrain", home, f"{CI} logging=wandb")
+    finally:
+        for k in env:
+            os.environ.pop(k)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert SECRET not in r.stdout + r.stderr
+    hits = [str(f) for f in home.rglob("*") if f.is_file() and SECRET.encode() in f.read_bytes()]
+    assert not hits, hits
+    assert list(home.glob("wandb/offline-run-*"))  # wandb wrote its files, and none holds the secret
+
+
+def test_checkpoints_are_safetensors_and_remote_code_is_off(fine_tuned, tmp_path):
+    for e in registry_entries(fine_tuned):
+        files = os.listdir(e["path"])
+        assert "model.safetensors" in files
+        assert not [f for f in files if f.endswith((".bin", ".pt", ".pth", ".pkl", ".pickle"))], files
+        assert e["config"]["model"]["trust_remote_code"] is False
+    # a model directory that asks for custom code is refused unless the config turns it on
+    [sft] = complete_entries(fine_tuned, "sft")
+    custom = tmp_path / "custom"
+    custom.mkdir()
+    for f in os.listdir(sft["path"]):
+        if f.endswith((".json", ".safetensors", ".jinja")) and f != "manifest.json":
+            (custom / f).write_bytes((Path(sft["path"]) / f).read_bytes())
+    config = json.loads((custom / "config.json").read_text())
+    config["auto_map"] = {"AutoModelForSequenceClassification": "modeling_evil.Evil"}
+    (custom / "config.json").write_text(json.dumps(config))
+    (custom / "modeling_evil.py").write_text("raise SystemExit('custom code ran')\n")
+    home = copy_registry(fine_tuned, tmp_path)
+    r = make("reward", home, f"{CI} init_from={custom} trainer.max_steps=2")
+    assert "custom code ran" not in r.stdout + r.stderr
+    assert "Traceback" not in r.stdout + r.stderr

@@ -29,7 +29,7 @@ else
 endif
 LAUNCH := $(VENV)/bin/accelerate launch --quiet $(LAUNCH_FLAGS) -m
 
-.PHONY: install pretrain sft reward ppo rlhf all report test registry clean-venv
+.PHONY: install pretrain sft reward ppo rlhf all report test test-faults bench registry clean-venv
 
 install: $(STAMP)
 
@@ -68,7 +68,15 @@ report: install
 	$(PY) -m pipeline.report $(PIPELINE_ID)
 
 test: install
-	$(PY) -m pytest -q $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not faults" $(PYTEST_ARGS)
+
+# Fault injection: stages killed at random points, the registry checked after each (a few minutes).
+test-faults: install
+	$(PY) -m pytest -q -m faults $(PYTEST_ARGS)
+
+# Speed against a bare PyTorch loop and the machine's matmul peak: a table and $PIPELINE_HOME/bench.json.
+bench: install
+	$(PY) -m bench.run $(ARGS)
 
 registry: install
 	$(PY) -m pipeline.registry list

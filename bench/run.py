@@ -1,0 +1,193 @@
+"""Benchmarks (`make bench`): the pipeline's speed against a bare loop and against the machine's limit.
+
+Figures and ratios measured side by side in one run, printed as a table and written to
+$PIPELINE_HOME/bench.json; nothing here asserts a time. The stages run through their real commands on the
+demo model, into a registry of their own ($PIPELINE_HOME/bench/), so the user's registry is untouched.
+
+    make bench                      # about 10 minutes on a laptop CPU
+    make bench ARGS="model=tiny"    # extra Hydra overrides for every stage run
+"""
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+ROUNDS = 2             # stage and bare loop measured alternately, this many times each
+PRETRAIN_STEPS = 60    # per measurement; the first 5 steps of each are warm-up and not counted
+WARMUP_STEPS = 5
+
+
+def run_stage(stage: str, root: Path, args: str) -> dict:
+    """One stage through `make`, into the bench registry; its registry entry."""
+    from pipeline.registry import Registry
+
+    cmd = ["make", "--no-print-directory", stage, f"ARGS=registry.root={root} logging=none {args}"]
+    started = time.time()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"bench: make {stage} failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    entry = Registry(root).resolve(f"{stage}:latest").entry
+    print(f"  make {stage}: {time.time() - started:.0f} s ({entry.id})", flush=True)
+    return {"id": entry.id, "path": entry.path, "config": entry.config, "metrics": entry.metrics}
+
+
+def matmul_peak_flops(n: int = 1024, seconds: float = 3.0) -> float:
+    """Best fp32 matmul rate this machine reaches with the threads torch uses."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    best = 0.0
+    for _ in range(3):
+        torch.mm(a, b)
+        count, start = 0, time.perf_counter()
+        while time.perf_counter() - start < seconds / 3:
+            torch.mm(a, b)
+            count += 1
+        best = max(best, 2 * n ** 3 * count / (time.perf_counter() - start))
+    return best
+
+
+def bare_loop_tokens_per_s(pretrain: dict, steps: int) -> float:
+    """The same model (fresh, from the stage's config), batch, sequence length, optimizer (fused AdamW, as the
+    Trainer's default), schedule, clipping and precision (fp32), in a plain PyTorch loop on ready tensors."""
+    from transformers import AutoConfig, AutoModelForCausalLM, get_cosine_schedule_with_warmup
+
+    t, block = pretrain["config"]["trainer"], pretrain["config"]["data"]["block_size"]
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrain["path"]), dtype=torch.float32)
+    model.train()
+    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
+                             {"params": no_decay, "weight_decay": 0.0}], lr=t["learning_rate"], fused=True)
+    sched = get_cosine_schedule_with_warmup(opt, t["warmup_steps"], steps)
+    batches = torch.randint(0, model.config.vocab_size, (steps, t["per_device_train_batch_size"], block))
+    ends = []
+    for x in batches:
+        loss = model(input_ids=x, labels=x).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), t["max_grad_norm"])
+        opt.step()
+        sched.step()
+        opt.zero_grad(set_to_none=True)
+        ends.append(time.perf_counter())
+    per_step = (ends[-1] - ends[WARMUP_STEPS]) / (len(ends) - 1 - WARMUP_STEPS)
+    return t["per_device_train_batch_size"] * block / per_step
+
+
+def flops_per_token(pretrain: dict) -> float:
+    """Training FLOPs per token: 6 x parameters, plus attention (12 x layers x width x context)."""
+    cfg = json.loads((Path(pretrain["path"]) / "config.json").read_text())
+    block = pretrain["config"]["data"]["block_size"]
+    return 6 * pretrain["metrics"]["parameters"] + 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * block
+
+
+def sft_padding(sft_args: str, root: Path, init_from: str) -> dict:
+    """Share of real (non-padding) tokens in SFT training batches: random batches, length-grouped batches,
+    and TRL's packing, on the demo demonstrations with the stage's own trainer settings."""
+    code = f"""
+import json, sys
+from datasets import Dataset
+from hydra import compose, initialize_config_dir
+from trl import SFTConfig, SFTTrainer
+from pipeline.config import register_schemas, validate
+from pipeline.data import load_sft_data
+from pipeline.models import load_for_finetuning
+register_schemas()
+with initialize_config_dir(config_dir="{ROOT / 'conf'}", version_base="1.3"):
+    cfg = validate(compose("sft", overrides={sft_args.split()!r}))
+model, tok = load_for_finetuning("{init_from}", False)
+rows, _ = load_sft_data(cfg.data, cfg.seed, None)
+out = {{}}
+for name, extra in (("padded", {{}}), ("grouped", {{"train_sampling_strategy": "group_by_length"}}),
+                    ("packed", {{"packing": True}})):
+    args = SFTConfig(output_dir="{root}/sft-padding", per_device_train_batch_size=cfg.trainer.per_device_train_batch_size,
+                     max_length=cfg.data.max_length, assistant_only_loss=True, report_to=[], use_cpu=True,
+                     dataset_num_proc=None, **extra)
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows[:1600]), processing_class=tok)
+    real = total = 0
+    for batch in trainer.get_train_dataloader():
+        ids = batch["input_ids"]
+        real += int((ids != tok.pad_token_id).sum()); total += ids.numel()
+    out[name] = real / total
+print(json.dumps(out))
+"""
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"bench: measuring SFT padding failed:\n{r.stderr[-3000:]}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def main() -> None:
+    from pipeline.registry import default_root
+
+    home = Path(default_root()).resolve()
+    root = home / "bench"
+    extra = " ".join(sys.argv[1:])
+    torch.set_num_threads(os.cpu_count() or 1)  # as `make` gives a single stage process
+    out: dict = {}
+
+    print("Peak matmul rate", flush=True)
+    out["matmul_peak_flops"] = matmul_peak_flops()
+
+    print(f"Pretraining stage against a bare loop, {ROUNDS} rounds of {PRETRAIN_STEPS} steps each", flush=True)
+    stage_rates, bare_rates = [], []
+    pretrain_args = (f"trainer.max_steps={PRETRAIN_STEPS} trainer.save_steps={PRETRAIN_STEPS} "
+                     f"data.max_eval_blocks=16 {extra}")
+    for _ in range(ROUNDS):
+        pretrain = run_stage("pretrain", root, pretrain_args)
+        stage_rates.append(pretrain["metrics"]["steady_tokens_per_s"])
+        bare_rates.append(bare_loop_tokens_per_s(pretrain, PRETRAIN_STEPS))
+        print(f"  stage {stage_rates[-1]:.0f} tokens/s, bare loop {bare_rates[-1]:.0f} tokens/s", flush=True)
+    out["pretrain_tokens_per_s"] = statistics.median(stage_rates)
+    out["bare_loop_tokens_per_s"] = statistics.median(bare_rates)
+    out["pretrain_vs_bare_ratio"] = out["pretrain_tokens_per_s"] / out["bare_loop_tokens_per_s"]
+    out["pretrain_model_flops_per_token"] = flops_per_token(pretrain)
+    out["pretrain_mfu"] = out["pretrain_tokens_per_s"] * out["pretrain_model_flops_per_token"] \
+        / out["matmul_peak_flops"]
+    out["bare_loop_mfu"] = out["bare_loop_tokens_per_s"] * out["pretrain_model_flops_per_token"] \
+        / out["matmul_peak_flops"]
+    out["pretrain_packing_efficiency"] = pretrain["metrics"]["packing_efficiency"]
+
+    print("Fine-tuning and reward model (short runs, the inputs of PPO)", flush=True)
+    sft = run_stage("sft", root, f"trainer.max_steps=30 eval.num_prompts=16 {extra}")
+    padding = sft_padding(f"trainer.max_steps=30 {extra}", root, pretrain["path"])
+    out["sft_packing_efficiency"] = padding["padded"]  # the default: random batches, padded
+    out.update({f"sft_packing_efficiency_{k}": v for k, v in padding.items()})
+    reward = run_stage("reward", root, f"trainer.max_steps=30 {extra}")
+
+    print("PPO: time per phase, and generation against a plain generate", flush=True)
+    phases_file = root / "ppo_phases.json"
+    r = subprocess.run([sys.executable, "-m", "bench.ppo_phases", str(phases_file), f"registry.root={root}",
+                        "logging=none", "trainer.max_steps=4", "eval.num_prompts=16", *extra.split()],
+                       cwd=ROOT, capture_output=True, text=True)
+    if r.returncode != 0:
+        sys.exit(f"bench: the PPO run failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")
+    phases = json.loads(phases_file.read_text())
+    out.update(phases)
+
+    from pipeline.registry import Registry
+    ppo = Registry(root).resolve("ppo:latest").entry
+    out["peak_rss_mb"] = {e["id"].split("-")[0]: e["metrics"]["peak_rss_mb"] for e in (pretrain, sft, reward)}
+    out["peak_rss_mb"]["ppo"] = ppo.metrics["peak_rss_mb"]
+    out["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+
+    (home / "bench.json").write_text(json.dumps(out, indent=2))
+    print()
+    for k, v in out.items():
+        if isinstance(v, dict):
+            v = ", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items())
+        elif isinstance(v, float):
+            v = f"{v:.4g}"
+        print(f"{k:40s} {v}")
+    print(f"\nWritten: {home / 'bench.json'}")
+
+
+if __name__ == "__main__":
+    main()

@@ -18,7 +18,7 @@ import psutil
 import torch
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
-from transformers import TrainerCallback
+from transformers import TrainerCallback, TrainingArguments
 
 from pipeline import tracking
 from pipeline.config import TrainerConfig, validate
@@ -28,6 +28,9 @@ from pipeline.registry import Entry, Registry, config_hash
 # Settings that do not change what a run computes: a rerun that differs only in these resumes.
 NOT_HASHED = ("resume", "logging")
 LOG_HISTORY = "log_history.json"  # the trainer's logged metrics, saved beside each checkpoint
+# transformers renamed gradient checkpointing to activation checkpointing (the old name warns)
+CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in TrainingArguments.__dataclass_fields__ \
+    else "gradient_checkpointing"
 
 
 @dataclass
@@ -155,7 +158,7 @@ def trainer_arguments(t: TrainerConfig, run: StageRun) -> dict:
         per_device_train_batch_size=t.per_device_train_batch_size,
         per_device_eval_batch_size=t.per_device_eval_batch_size,
         gradient_accumulation_steps=t.gradient_accumulation_steps,
-        gradient_checkpointing=t.gradient_checkpointing,
+        **{CHECKPOINTING: t.gradient_checkpointing},
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
         bf16=t.mixed_precision == "bf16",
         fp16=t.mixed_precision == "fp16",

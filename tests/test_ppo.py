@@ -100,6 +100,18 @@ def test_tokenizer_mismatch_names_both_checkpoints(tok):
     check_handoff(tok, tok, "sft-aaa", "reward-bbb")  # identical tokenizers pass
 
 
+def test_pad_equal_to_eos_and_a_missing_chat_template_are_refused(tok):
+    import copy
+    same = copy.deepcopy(tok)
+    same.pad_token = same.eos_token
+    with pytest.raises(PipelineError, match="reward-bbb: the pad token must differ from eos"):
+        check_handoff(tok, same, "sft-aaa", "reward-bbb")
+    bare = copy.deepcopy(tok)
+    bare.chat_template = None
+    with pytest.raises(PipelineError, match="sft-aaa: the tokenizer has no chat template"):
+        check_handoff(bare, tok, "sft-aaa", "reward-bbb")
+
+
 # --- the real command, at micro sizes -------------------------------------------------------------
 
 from tests.conftest import make, registry_entries  # noqa: E402

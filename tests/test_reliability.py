@@ -36,10 +36,10 @@ def fine_tuned(tmp_path_factory):
     return run_stages(tmp_path_factory.mktemp("sft") / "runs", ("pretrain", "sft"), f"{CI} eval.num_prompts=4")
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward"])
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward"])
 def test_killed_stage_resumes_to_the_uninterrupted_result(fine_tuned, tmp_path, stage):
     """kill -9 after the first trainer checkpoint; the rerun resumes (data position, optimizer, scheduler,
-    RNG) and ends where an uninterrupted run ends. (Pretraining: tests/test_pretrain.py.)"""
+    RNG) and ends where an uninterrupted run ends."""
     args = f"{CI} eval.num_prompts=4 {LONG}"
     straight = copy_registry(fine_tuned, tmp_path / "straight")
     r = make(stage, straight, args)

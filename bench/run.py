@@ -4,7 +4,7 @@ Figures and ratios measured side by side in one run, printed as a table and writ
 $PIPELINE_HOME/bench.json; nothing here asserts a time. The stages run through their real commands on the
 demo model, into a registry of their own ($PIPELINE_HOME/bench/), so the user's registry is untouched.
 
-    make bench                      # about 10 minutes on a laptop CPU
+    make bench                      # about 5 minutes on a laptop CPU
     make bench ARGS="model=tiny"    # extra Hydra overrides for every stage run
 """
 from __future__ import annotations

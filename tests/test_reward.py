@@ -116,6 +116,7 @@ def test_group_by_length_batches_pairs_of_similar_length(fine_tuned, tmp_path):
     """trainer.group_by_length: far less padding than random batches on pairs of mixed lengths."""
     from datasets import Dataset
     from trl import RewardConfig as TRLRewardConfig
+    from pipeline.run import CHECKPOINTING
     from reward_model.train import PairTrainer, load_backbone
 
     [sft] = complete_entries(fine_tuned, "sft")
@@ -124,7 +125,7 @@ def test_group_by_length_batches_pairs_of_similar_length(fine_tuned, tmp_path):
 
     def padding(strategy: str) -> int:
         args = TRLRewardConfig(output_dir=str(tmp_path / strategy), per_device_train_batch_size=4, use_cpu=True,
-                               train_sampling_strategy=strategy, report_to=[], seed=0)
+                               train_sampling_strategy=strategy, report_to=[], seed=0, **{CHECKPOINTING: False})
         trainer = PairTrainer(model=model, args=args, train_dataset=Dataset.from_list(pairs), processing_class=tok)
         return sum(int((b["attention_mask"] == 0).sum()) for b in trainer.get_train_dataloader())
 

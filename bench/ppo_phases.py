@@ -79,11 +79,9 @@ def main() -> None:
 
     from hydra import compose, initialize_config_dir
 
-    from pipeline.run import run_stage
     from stages import ppo
     with initialize_config_dir(config_dir=str(Path(__file__).resolve().parent.parent / "conf"), version_base="1.3"):
-        cfg = compose("ppo", overrides=overrides)
-    run_stage("ppo", cfg, ppo.ppo, ppo.inputs, resumable=False)
+        ppo.main(compose("ppo", overrides=overrides))  # Hydra's main takes a composed config as it is
 
     from pipeline.registry import Registry
     root = next(o.split("=", 1)[1] for o in overrides if o.startswith("registry.root="))

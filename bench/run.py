@@ -25,7 +25,7 @@ PRETRAIN_STEPS = 60    # per measurement; the first 5 steps of each are warm-up 
 WARMUP_STEPS = 5
 
 
-def run_stage(stage: str, root: Path, args: str) -> dict:
+def make_stage(stage: str, root: Path, args: str) -> dict:
     """One stage through `make`, into the bench registry; its registry entry."""
     from pipeline.registry import Registry
 
@@ -88,40 +88,36 @@ def flops_per_token(pretrain: dict) -> float:
     return 6 * pretrain["metrics"]["parameters"] + 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * block
 
 
-def sft_padding(sft_args: str, root: Path, init_from: str) -> dict:
+def sft_padding(overrides: list[str], init_from: str, out_dir: Path) -> dict:
     """Share of real (non-padding) tokens in SFT training batches: random batches, length-grouped batches,
-    and TRL's packing, on the demo demonstrations with the stage's own trainer settings."""
-    code = f"""
-import json, sys
-from datasets import Dataset
-from hydra import compose, initialize_config_dir
-from trl import SFTConfig, SFTTrainer
-from pipeline.config import register_schemas, validate
-from pipeline.data import load_sft_data
-from pipeline.models import load_for_finetuning
-register_schemas()
-with initialize_config_dir(config_dir="{ROOT / 'conf'}", version_base="1.3"):
-    cfg = validate(compose("sft", overrides={sft_args.split()!r}))
-model, tok = load_for_finetuning("{init_from}", False)
-rows, _ = load_sft_data(cfg.data, cfg.seed, None)
-out = {{}}
-for name, extra in (("padded", {{}}), ("grouped", {{"train_sampling_strategy": "group_by_length"}}),
-                    ("packed", {{"packing": True}})):
-    args = SFTConfig(output_dir="{root}/sft-padding", per_device_train_batch_size=cfg.trainer.per_device_train_batch_size,
-                     max_length=cfg.data.max_length, assistant_only_loss=True, report_to=[], use_cpu=True,
-                     dataset_num_proc=None, **extra)
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows[:1600]), processing_class=tok)
-    real = total = 0
-    for batch in trainer.get_train_dataloader():
-        ids = batch["input_ids"]
-        real += int((ids != tok.pad_token_id).sum()); total += ids.numel()
-    out[name] = real / total
-print(json.dumps(out))
-"""
-    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
-    if r.returncode != 0:
-        sys.exit(f"bench: measuring SFT padding failed:\n{r.stderr[-3000:]}")
-    return json.loads(r.stdout.strip().splitlines()[-1])
+    and TRL's packing, on the demo demonstrations with the stage's own batch size and length limit."""
+    from datasets import Dataset
+    from hydra import compose, initialize_config_dir
+    from trl import SFTConfig, SFTTrainer
+
+    from pipeline.config import register_schemas, validate
+    from pipeline.data import load_sft_data
+    from pipeline.models import load_for_finetuning
+
+    register_schemas()
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = validate(compose("sft", overrides=overrides))
+    model, tok = load_for_finetuning(init_from, False)
+    rows, _ = load_sft_data(cfg.data, cfg.seed, out_dir)
+    shares = {}
+    for name, batching in (("padded", {}), ("grouped", {"train_sampling_strategy": "group_by_length"}),
+                           ("packed", {"packing": True})):
+        args = SFTConfig(output_dir=str(out_dir / "sft-padding"), report_to=[], use_cpu=True, dataset_num_proc=None,
+                         per_device_train_batch_size=cfg.trainer.per_device_train_batch_size,
+                         max_length=cfg.data.max_length, assistant_only_loss=True, **batching)
+        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows[:1600]),
+                             processing_class=tok)
+        real = total = 0
+        for batch in trainer.get_train_dataloader():
+            real += int((batch["input_ids"] != tok.pad_token_id).sum())
+            total += batch["input_ids"].numel()
+        shares[name] = real / total
+    return shares
 
 
 def main() -> None:
@@ -141,7 +137,7 @@ def main() -> None:
     pretrain_args = (f"trainer.max_steps={PRETRAIN_STEPS} trainer.save_steps={PRETRAIN_STEPS} "
                      f"data.max_eval_blocks=16 {extra}")
     for _ in range(ROUNDS):
-        pretrain = run_stage("pretrain", root, pretrain_args)
+        pretrain = make_stage("pretrain", root, pretrain_args)
         stage_rates.append(pretrain["metrics"]["steady_tokens_per_s"])
         bare_rates.append(bare_loop_tokens_per_s(pretrain, PRETRAIN_STEPS))
         print(f"  stage {stage_rates[-1]:.0f} tokens/s, bare loop {bare_rates[-1]:.0f} tokens/s", flush=True)
@@ -156,11 +152,11 @@ def main() -> None:
     out["pretrain_packing_efficiency"] = pretrain["metrics"]["packing_efficiency"]
 
     print("Fine-tuning and reward model (short runs, the inputs of PPO)", flush=True)
-    sft = run_stage("sft", root, f"trainer.max_steps=30 eval.num_prompts=16 {extra}")
-    padding = sft_padding(f"trainer.max_steps=30 {extra}", root, pretrain["path"])
+    sft = make_stage("sft", root, f"trainer.max_steps=30 eval.num_prompts=16 {extra}")
+    padding = sft_padding(extra.split(), pretrain["path"], root)
     out["sft_packing_efficiency"] = padding["padded"]  # the default: random batches, padded
     out.update({f"sft_packing_efficiency_{k}": v for k, v in padding.items()})
-    reward = run_stage("reward", root, f"trainer.max_steps=30 {extra}")
+    reward = make_stage("reward", root, f"trainer.max_steps=30 {extra}")
 
     print("PPO: time per phase, and generation against a plain generate", flush=True)
     phases_file = root / "ppo_phases.json"

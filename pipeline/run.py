@@ -89,10 +89,13 @@ class StopOnNonFiniteLoss(TrainerCallback):
     """Stop at the first non-finite loss or weights, before a bad trainer checkpoint can be written.
 
     A NaN/inf gradient turns every weight NaN at the optimizer step (clipping spreads it), so one trained
-    tensor shows it; the check runs after each step, ahead of the Trainer's save. The logged loss is checked too.
+    tensor shows it. It is checked on the steps the Trainer is about to log or save, ahead of the save (not
+    on every step: a device sync on the hot path). The logged loss is checked too.
     """
 
     def on_step_end(self, args, state, control, model=None, **kwargs):
+        if not (control.should_save or control.should_log):  # set by the Trainer's flow callback, run before
+            return
         weight = next(p for p in model.parameters() if p.requires_grad).detach()
         weight = weight.to_local() if hasattr(weight, "to_local") else weight  # a sharded (FSDP) parameter
         if weight.numel() and not torch.isfinite(weight).all():

@@ -101,8 +101,8 @@ def reward(run: StageRun) -> dict:
     args = TRLRewardConfig(**trainer_arguments(cfg.trainer, run), max_length=cfg.data.max_length,
                            disable_dropout=True, dataset_num_proc=None)
     trainer = PairTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
-                            eval_dataset=Dataset.from_list(eval_pairs), processing_class=tok,
-                            peft_config=lora_config(cfg.peft, "SEQ_CLS"), callbacks=[StopOnNonFiniteLoss()])
+                          eval_dataset=Dataset.from_list(eval_pairs), processing_class=tok,
+                          peft_config=lora_config(cfg.peft, "SEQ_CLS"), callbacks=[StopOnNonFiniteLoss()])
     result = trainer.train(resume_from_checkpoint=run.resume_from)
     eval_loss = trainer.evaluate()["eval_loss"]
     save_hf_directory(trainer, tok, run)

@@ -88,36 +88,50 @@ def flops_per_token(pretrain: dict) -> float:
     return 6 * pretrain["metrics"]["parameters"] + 12 * cfg["num_hidden_layers"] * cfg["hidden_size"] * block
 
 
-def sft_padding(overrides: list[str], init_from: str, out_dir: Path) -> dict:
-    """Share of real (non-padding) tokens in SFT training batches: random batches, length-grouped batches,
-    and TRL's packing, on the demo demonstrations with the stage's own batch size and length limit."""
-    from datasets import Dataset
+def sft_batching(overrides: list[str], init_from: str, out_dir: Path, steps: int = 20) -> dict:
+    """SFT batches as the stage builds them, padded and padding-free (and padded in length-grouped order):
+    the share of real (non-padding) tokens, and the training rate in real tokens/s, padded and padding-free
+    measured alternately on the same model and rows."""
+    from types import SimpleNamespace
+
     from hydra import compose, initialize_config_dir
-    from trl import SFTConfig, SFTTrainer
 
     from pipeline.config import register_schemas, validate
     from pipeline.data import load_sft_data
     from pipeline.models import load_for_finetuning
+    from stages.sft import build_trainer, padding_free
 
     register_schemas()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = validate(compose("sft", overrides=overrides))
-    model, tok = load_for_finetuning(init_from, False)
-    rows, _ = load_sft_data(cfg.data, cfg.seed, out_dir)
-    shares = {}
-    for name, batching in (("padded", {}), ("grouped", {"train_sampling_strategy": "group_by_length"}),
-                           ("packed", {"packing": True})):
-        args = SFTConfig(output_dir=str(out_dir / "sft-padding"), report_to=[], use_cpu=True, dataset_num_proc=None,
-                         per_device_train_batch_size=cfg.trainer.per_device_train_batch_size,
-                         max_length=cfg.data.max_length, assistant_only_loss=True, **batching)
-        trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(rows[:1600]),
-                             processing_class=tok)
+    layouts = {"padded": ["batching=padded"], "padding_free": ["batching=padding_free"],
+               "grouped": ["batching=padded", "trainer.group_by_length=true"]}
+    trainers, out = {}, {}
+    for name, layout in layouts.items():
+        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+            cfg = validate(compose("sft", overrides=[*overrides, *layout, f"trainer.max_steps={steps}",
+                                                     "trainer.warmup_steps=0", f"trainer.save_steps={steps}"]))
+        rows, _ = load_sft_data(cfg.data, cfg.seed, out_dir)
+        model, tok = load_for_finetuning(init_from, False)
+        run = SimpleNamespace(cfg=cfg, trainer_dir=out_dir / f"sft-{name}", report_to="none",
+                              entry=SimpleNamespace(id=f"bench-sft-{name}"), log=lambda *a: None)
+        trainer = build_trainer(run, model, tok, rows[:1600], rows[:16])
+        trainer.args.save_strategy = "no"
+        trainer.args.include_num_input_tokens_seen = "non_padding"
         real = total = 0
         for batch in trainer.get_train_dataloader():
             real += int((batch["input_ids"] != tok.pad_token_id).sum())
             total += batch["input_ids"].numel()
-        shares[name] = real / total
-    return shares
+        out[f"sft_packing_efficiency_{name}"] = real / total
+        trainers[name] = trainer
+    out["sft_default_batching"] = "padding_free" if padding_free("auto", model) else "padded"
+    rates: dict = {"padded": [], "padding_free": []}
+    for _ in range(ROUNDS):
+        for name in rates:
+            started = time.perf_counter()
+            trainers[name].train()
+            rates[name].append(trainers[name].state.num_input_tokens_seen / (time.perf_counter() - started))
+    for name, r in rates.items():
+        out[f"sft_tokens_per_s_{name}"] = statistics.median(r)
+    return out
 
 
 def main() -> None:
@@ -153,9 +167,10 @@ def main() -> None:
 
     print("Fine-tuning and reward model (short runs, the inputs of PPO)", flush=True)
     sft = make_stage("sft", root, f"trainer.max_steps=30 eval.num_prompts=16 {extra}")
-    padding = sft_padding(extra.split(), pretrain["path"], root)
-    out["sft_packing_efficiency"] = padding["padded"]  # the default: random batches, padded
-    out.update({f"sft_packing_efficiency_{k}": v for k, v in padding.items()})
+    batching = sft_batching(extra.split(), pretrain["path"], root)
+    out.update(batching)
+    # the stage's default layout (batching=auto) on this machine's attention
+    out["sft_packing_efficiency"] = batching[f"sft_packing_efficiency_{batching['sft_default_batching']}"]
     reward = make_stage("reward", root, f"trainer.max_steps=30 {extra}")
 
     print("PPO: time per phase, and generation against a plain generate", flush=True)

@@ -225,6 +225,17 @@ class SFTConfig(StageConfig):
     # Hugging Face directory, or a hub id.
     init_from: str = "pretrain:latest"
     peft: PeftConfig = field(default_factory=PeftConfig)
+    # How a batch of demonstrations is laid out: "padded" (each padded to the batch's longest),
+    # "padding_free" (the batch flattened into one row, kept apart by position ids: no padding tokens, same
+    # loss), or "auto": padding-free when the model's attention is a flash-attention kernel, which skips
+    # the masked blocks; under SDPA or eager attention the flattened row costs attention over the whole
+    # batch and is slower than padding (`make bench` measures both).
+    batching: str = "auto"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.batching not in ("auto", "padded", "padding_free"):
+            raise ValueError(f"batching must be auto, padded or padding_free, got {self.batching!r}")
 
 
 @dataclass

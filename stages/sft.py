@@ -21,6 +21,7 @@ from datasets import Dataset
 from omegaconf import DictConfig
 from trl import SFTConfig as TRLSFTConfig
 from trl import SFTTrainer
+from trl.trainer.sft_trainer import FLASH_ATTENTION_VARIANTS
 
 from pipeline import demo
 from pipeline.config import SFTConfig, register_schemas
@@ -38,12 +39,23 @@ def inputs(cfg: SFTConfig, registry: Registry) -> dict:
     return {"init_from": registry.resolve(cfg.init_from)}
 
 
+def padding_free(batching: str, model) -> bool:
+    """Whether to flatten batches: as configured, or under "auto" when the attention kernel skips the
+    masked blocks of a flattened batch (flash-attention); SDPA and eager compute them and are slower."""
+    if batching != "auto":
+        return batching == "padding_free"
+    return model.config._attn_implementation in FLASH_ATTENTION_VARIANTS
+
+
 def build_trainer(run: StageRun, model, tok, train_rows: list[dict], eval_rows: list[dict]) -> SFTTrainer:
     cfg: SFTConfig = run.cfg
     conversational = "messages" in train_rows[0]
+    flat = padding_free(cfg.batching, model)
     args = TRLSFTConfig(
         **trainer_arguments(cfg.trainer, run),
-        max_length=cfg.data.max_length,
+        # TRL does not truncate a padding-free batch; rows longer than max_length are dropped below instead.
+        max_length=None if flat else cfg.data.max_length,
+        padding_free=flat,
         # The loss covers only what the model should learn to say: the assistant turns ({% generation %}
         # in the chat template) or the completion.
         assistant_only_loss=conversational,
@@ -51,10 +63,21 @@ def build_trainer(run: StageRun, model, tok, train_rows: list[dict], eval_rows: 
         packing=False,
         dataset_num_proc=None,
     )
-    return SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
-                      eval_dataset=Dataset.from_list(eval_rows), processing_class=tok,
-                      peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
-                      callbacks=[StopOnNonFiniteLoss()])
+    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
+                         eval_dataset=Dataset.from_list(eval_rows), processing_class=tok,
+                         peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
+                         callbacks=[StopOnNonFiniteLoss()])
+    if flat:
+        fits = lambda row: len(row["input_ids"]) <= cfg.data.max_length
+        n = len(trainer.train_dataset)
+        trainer.train_dataset = trainer.train_dataset.filter(fits)
+        trainer.eval_dataset = trainer.eval_dataset.filter(fits)
+        if len(trainer.train_dataset) < n:
+            run.log(f"{n - len(trainer.train_dataset)} demonstrations longer than data.max_length="
+                    f"{cfg.data.max_length} tokens are left out")
+    run.log(f"batches: {'padding-free' if flat else 'padded'} (batching={cfg.batching}, "
+            f"attention: {model.config._attn_implementation})")
+    return trainer
 
 
 def sft(run: StageRun) -> dict:

@@ -77,3 +77,8 @@ def test_unknown_keys_and_wrong_types_are_refused(override, match):
 def test_bad_values_are_named(overrides, match):
     with pytest.raises(PipelineError, match=match):
         validate(compose_cfg("pretrain", overrides))
+
+
+def test_unknown_sft_batching_is_named():
+    with pytest.raises(PipelineError, match="batching must be auto, padded or padding_free"):
+        validate(compose_cfg("sft", ["batching=sometimes"]))

@@ -43,7 +43,8 @@ def test_only_response_tokens_carry_loss(tmp_path, fmt):
         rows = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows]
     else:
         rows = [{"messages": r["messages"]} for r in rows]
-    run = SimpleNamespace(cfg=ci_config(), trainer_dir=tmp_path, report_to="none", entry=SimpleNamespace(id="t"))
+    run = SimpleNamespace(cfg=ci_config(), trainer_dir=tmp_path, report_to="none", entry=SimpleNamespace(id="t"),
+                          log=print)
     trainer = build_trainer(run, tiny_model(tok), tok, rows, rows[:2])
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["labels"].shape == batch["input_ids"].shape
@@ -55,6 +56,36 @@ def test_only_response_tokens_carry_loss(tmp_path, fmt):
         assert text.endswith(tok.eos_token)  # the model learns to stop
         assert text[:-len(tok.eos_token)].strip() in answers  # and nothing of the prompt or the padding
         assert tok.pad_token_id not in trained
+
+
+def test_padding_free_batches_give_the_padded_loss(tmp_path):
+    """A flattened batch has no padding, and its sequences do not see each other: same loss as padded."""
+    from stages.sft import build_trainer
+    tok = train_bpe(demo.generate_corpus(300, 0), 400, 128)
+    rows = [{"messages": r["messages"]} for r in demo.generate_demonstrations(8, 0)]
+    torch.manual_seed(0)
+    model = tiny_model(tok).eval()
+    losses = {}
+    for batching in ("padded", "padding_free"):
+        run = SimpleNamespace(cfg=ci_config([f"batching={batching}"]), trainer_dir=tmp_path / batching,
+                              report_to="none", entry=SimpleNamespace(id="t"), log=print)
+        trainer = build_trainer(run, model, tok, rows, rows[:2])
+        batch = next(iter(trainer.get_eval_dataloader()))
+        real = int((batch["labels"] != -100).sum())
+        with torch.no_grad():
+            losses[batching] = model(**batch, use_cache=False).loss.item()
+        if batching == "padding_free":
+            assert batch["input_ids"].shape[0] == 1 and tok.pad_token_id not in batch["input_ids"]
+            assert "attention_mask" not in batch and real > 0
+    assert losses["padding_free"] == pytest.approx(losses["padded"], abs=1e-5)
+
+
+def test_auto_batching_flattens_only_under_flash_attention():
+    from stages.sft import padding_free
+    model = SimpleNamespace(config=SimpleNamespace(_attn_implementation="sdpa"))
+    assert not padding_free("auto", model) and padding_free("padding_free", model)
+    model.config._attn_implementation = "flash_attention_2"
+    assert padding_free("auto", model) and not padding_free("padded", model)
 
 
 @pytest.fixture(scope="module")

@@ -157,19 +157,6 @@ def _sentiment_sentence(rng: random.Random, s: Story, label: str) -> str:
     ])
 
 
-def question_and_answer(rng: random.Random, s: Story) -> tuple[str, str]:
-    kind = rng.choice(list(QA_QUESTIONS))
-    answer = {"colour": f"The {s.obj} was {s.colour}.", "place": f"{s.person} went to the {s.place}.",
-              "animal": f"{s.person} met {article(s.animal)} {s.animal}.", "ending": f"{s.person} felt {s.ending}."}
-    return QA_QUESTIONS[kind].format(obj=s.obj, person=s.person), answer[kind]
-
-
-def summary(s: Story) -> str:
-    outcome = "had a happy day" if s.ending == "happy" else "ended the day sad"
-    return (f"{s.person} took {article(s.colour)} {s.colour} {s.obj} to the {s.place}, "
-            f"met {article(s.animal)} {s.animal} and {outcome}.")
-
-
 def make_prompt(rng: random.Random, task: str) -> tuple[str, str]:
     """A (prompt, correct response) pair for one task."""
     s = sample_story(rng)
@@ -179,14 +166,21 @@ def make_prompt(rng: random.Random, task: str) -> tuple[str, str]:
         return prompt, render_story(s)
     story = render_story(s)
     if task == "qa":
-        question, answer = question_and_answer(rng, s)
-        return f"Read the story and answer the question.\n\n{story}\n\nQuestion: {question}", answer
+        kind = rng.choice(list(QA_QUESTIONS))
+        question = QA_QUESTIONS[kind].format(obj=s.obj, person=s.person)
+        prompt = f"Read the story and answer the question.\n\n{story}\n\nQuestion: {question}"
+        answer = {"colour": f"The {s.obj} was {s.colour}.", "place": f"{s.person} went to the {s.place}.",
+                  "animal": f"{s.person} met {article(s.animal)} {s.animal}.", "ending": f"{s.person} felt {s.ending}."}[kind]
+        return prompt, answer
     if task == "sentiment":
         label = rng.choice(["positive", "negative"])
         prompt = f"Is this sentence positive or negative?\n\n{_sentiment_sentence(rng, s, label)}"
         return prompt, label.capitalize() + "."
     if task == "summary":
-        return f"Summarize the story in one sentence.\n\n{story}", summary(s)
+        prompt = f"Summarize the story in one sentence.\n\n{story}"
+        outcome = "had a happy day" if s.ending == "happy" else "ended the day sad"
+        return prompt, (f"{s.person} took {article(s.colour)} {s.colour} {s.obj} to the {s.place}, "
+                        f"met {article(s.animal)} {s.animal} and {outcome}.")
     raise ValueError(f"unknown demo task {task!r}; expected one of {TASKS}")
 
 
@@ -251,22 +245,10 @@ def _prompts(seed: int, n: int, heldout: bool):
 # Data for each stage
 # ---------------------------------------------------------------------------------------------
 
-def generate_corpus(n: int, seed: int, notes_share: float = 0.5) -> list[str]:
-    """n short stories for pretraining; a share of them followed by a reader's note, a question answered
-    or a one-line summary, as in story collections for young readers (and TinyStories-Instruct)."""
+def generate_corpus(n: int, seed: int) -> list[str]:
+    """n short stories for pretraining."""
     rng = random.Random(seed)
-    docs = []
-    for _ in range(n):
-        s = sample_story(rng)
-        doc = render_story(s)
-        if rng.random() < notes_share:
-            if rng.random() < 0.5:
-                question, answer = question_and_answer(rng, s)
-                doc += f"\nQuestion: {question}\nAnswer: {answer}"
-            else:
-                doc += f"\nSummary: {summary(s)}"
-        docs.append(doc)
-    return docs
+    return [render_story(sample_story(rng)) for _ in range(n)]
 
 
 def generate_demonstrations(n: int, seed: int, flawed_share: float = 0.3) -> list[dict]:

@@ -39,9 +39,9 @@ def make_stage(stage: str, root: Path, args: str) -> dict:
     return {"id": entry.id, "path": entry.path, "config": entry.config, "metrics": entry.metrics}
 
 
-def matmul_peak_flops(n: int = 1024, seconds: float = 3.0) -> float:
-    """Best fp32 matmul rate this machine reaches with the threads torch uses."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 3.0) -> float:
+    """Best matmul rate this machine reaches in dtype with the threads torch uses."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     best = 0.0
     for _ in range(3):
         torch.mm(a, b)
@@ -55,7 +55,8 @@ def matmul_peak_flops(n: int = 1024, seconds: float = 3.0) -> float:
 
 def bare_loop_tokens_per_s(pretrain: dict, steps: int) -> float:
     """The same model (fresh, from the stage's config), batch, sequence length, optimizer (fused AdamW, as the
-    Trainer's default), schedule, clipping and precision (fp32), in a plain PyTorch loop on ready tensors."""
+    Trainer's default), schedule, clipping and precision (fp32 weights, bf16 autocast where the stage uses it),
+    in a plain PyTorch loop on ready tensors."""
     from transformers import AutoConfig, AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
     t, block = pretrain["config"]["trainer"], pretrain["config"]["data"]["block_size"]
@@ -69,8 +70,10 @@ def bare_loop_tokens_per_s(pretrain: dict, steps: int) -> float:
     sched = get_cosine_schedule_with_warmup(opt, t["warmup_steps"], steps)
     batches = torch.randint(0, model.config.vocab_size, (steps, t["per_device_train_batch_size"], block))
     ends = []
+    bf16 = precision(pretrain) == "bf16"
     for x in batches:
-        loss = model(input_ids=x, labels=x).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            loss = model(input_ids=x, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t["max_grad_norm"])
         opt.step()
@@ -79,6 +82,13 @@ def bare_loop_tokens_per_s(pretrain: dict, steps: int) -> float:
         ends.append(time.perf_counter())
     per_step = (ends[-1] - ends[WARMUP_STEPS]) / (len(ends) - 1 - WARMUP_STEPS)
     return t["per_device_train_batch_size"] * block / per_step
+
+
+def precision(pretrain: dict) -> str:
+    """The pretraining run's mixed precision as it ran here (no or bf16)."""
+    from pipeline.run import resolved_precision
+
+    return resolved_precision(pretrain["config"]["trainer"]["mixed_precision"])
 
 
 def flops_per_token(pretrain: dict) -> float:
@@ -144,9 +154,6 @@ def main() -> None:
     torch.set_num_threads(os.cpu_count() or 1)  # as `make` gives a single stage process
     out: dict = {}
 
-    print("Peak matmul rate", flush=True)
-    out["matmul_peak_flops"] = matmul_peak_flops()
-
     print(f"Pretraining stage against a bare loop, {ROUNDS} rounds of {PRETRAIN_STEPS} steps each", flush=True)
     stage_rates, bare_rates = [], []
     pretrain_args = (f"trainer.max_steps={PRETRAIN_STEPS} trainer.save_steps={PRETRAIN_STEPS} "
@@ -159,6 +166,9 @@ def main() -> None:
     out["pretrain_tokens_per_s"] = statistics.median(stage_rates)
     out["bare_loop_tokens_per_s"] = statistics.median(bare_rates)
     out["pretrain_vs_bare_ratio"] = out["pretrain_tokens_per_s"] / out["bare_loop_tokens_per_s"]
+    out["pretrain_precision"] = precision(pretrain)
+    print(f"Peak matmul rate ({'bf16' if out['pretrain_precision'] == 'bf16' else 'fp32'})", flush=True)
+    out["matmul_peak_flops"] = matmul_peak_flops(torch.bfloat16 if out["pretrain_precision"] == "bf16" else torch.float32)
     out["pretrain_model_flops_per_token"] = flops_per_token(pretrain)
     out["pretrain_mfu"] = out["pretrain_tokens_per_s"] * out["pretrain_model_flops_per_token"] \
         / out["matmul_peak_flops"]

@@ -17,6 +17,7 @@ from typing import Callable, Optional
 import psutil
 import torch
 from omegaconf import DictConfig, OmegaConf
+from accelerate.utils import extract_model_from_parallel
 from peft import PeftModel
 from transformers import TrainerCallback, TrainingArguments
 
@@ -148,6 +149,17 @@ def _open_entry(stage: str, cfg, config: dict, parents: list[str], registry: Reg
     return registry.create(stage, config, parents, cfg_hash=h), None
 
 
+def resolved_precision(setting: str) -> str:
+    """trainer.mixed_precision as it runs on this machine: auto is bf16 where bf16 autocast is fast (a GPU
+    with bf16; a CPU with AMX tiles, whose bf16 matmuls run several times the fp32 rate), else no (fp32)."""
+    if setting != "auto":
+        return setting
+    if torch.cuda.is_available():
+        return "bf16" if torch.cuda.is_bf16_supported() else "no"
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", None)  # torch >= 2.3
+    return "bf16" if amx is not None and amx() else "no"
+
+
 def trainer_arguments(t: TrainerConfig, run: StageRun) -> dict:
     """The TrainingArguments every stage shares, from the trainer section of its config."""
     return dict(
@@ -163,8 +175,8 @@ def trainer_arguments(t: TrainerConfig, run: StageRun) -> dict:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         **{CHECKPOINTING: t.gradient_checkpointing},
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        bf16=t.mixed_precision == "bf16",
-        fp16=t.mixed_precision == "fp16",
+        bf16=resolved_precision(t.mixed_precision) == "bf16",
+        fp16=resolved_precision(t.mixed_precision) == "fp16",
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # a NaN loss must show, not be averaged away
         save_strategy="steps",
@@ -202,7 +214,9 @@ def save_hf_directory(trainer, tok, run: StageRun) -> None:
 
 
 def unwrapped(model):
-    """The plain transformers model of a trained model (LoRA adapters merged in)."""
+    """The plain transformers model of a trained model: LoRA adapters merged in, and the forward without the
+    mixed-precision autocast accelerate wraps it in, so that evaluation runs in fp32 as before training."""
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
     return model.merge_and_unload() if is_peft_model(model) else model
 
 
@@ -233,7 +247,9 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
         entry, resume_from = shared
         if state.is_main_process:
             (Path(entry.path) / "pipeline_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
-            procs = f"{state.num_processes} process{'es' if state.num_processes > 1 else ''}, {state.device.type}"
+            precision = resolved_precision(typed.trainer.mixed_precision)
+            procs = (f"{state.num_processes} process{'es' if state.num_processes > 1 else ''}, {state.device.type}, "
+                     f"{'fp32' if precision == 'no' else precision + ' autocast'}")
             if resume_from:
                 print(f"[{stage}] Resuming {entry.id} from {resume_from} ({procs})", flush=True)
             else:

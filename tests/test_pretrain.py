@@ -8,6 +8,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import demo
+from pipeline.run import resolved_precision, unwrapped
 from tests.conftest import kill_after_first_checkpoint, make, registry_entries
 
 pytestmark = pytest.mark.slow
@@ -106,3 +107,33 @@ def test_killed_run_resumes_and_never_resolves_as_latest(home):
     assert e["id"] == killed["id"] and e["status"] == "complete"
     assert e["metrics"]["global_step"] == 3000
     assert Registry(home).resolve("pretrain:latest").entry.id == e["id"]
+
+
+@pytest.mark.parametrize("cuda, cuda_bf16, amx, expect", [
+    (False, False, True, "bf16"), (False, False, False, "no"), (True, True, False, "bf16"), (True, False, True, "no")])
+def test_auto_precision_is_bf16_only_where_it_is_fast(monkeypatch, cuda, cuda_bf16, amx, expect):
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: cuda_bf16)
+    monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
+    assert resolved_precision("auto") == expect
+    assert resolved_precision("no") == "no" and resolved_precision("bf16") == "bf16"
+
+
+def test_evaluation_after_mixed_precision_training_runs_in_fp32():
+    """accelerate wraps a bf16 run's forward in autocast; the model the stages evaluate must be fp32 again."""
+    from accelerate import Accelerator
+    from accelerate.state import AcceleratorState
+    from transformers import LlamaConfig, LlamaForSequenceClassification
+
+    torch.manual_seed(0)
+    model = LlamaForSequenceClassification(LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                                       num_hidden_layers=1, num_attention_heads=2, num_labels=1,
+                                                       pad_token_id=0))
+    x = torch.randint(1, 64, (2, 12))
+    fp32 = model(input_ids=x).logits
+    try:
+        prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
+        assert not torch.equal(prepared(input_ids=x).logits, fp32)  # the training forward runs in bf16
+        assert torch.equal(unwrapped(prepared)(input_ids=x).logits, fp32)
+    finally:
+        AcceleratorState._reset_state(reset_partial_state=True)  # the next test's trainer sets its own

@@ -129,7 +129,7 @@ class TrainerConfig:
     gradient_accumulation_steps: int = 1
     # Mixed precision: "auto" (bf16 autocast where the hardware runs it fast: a GPU with bf16, or a CPU with
     # AMX tiles, where it trains the demo model 1.7x faster than fp32; fp32 elsewhere), "no", "bf16", "fp16".
-    # Weights stay fp32 and evaluation runs in fp32.
+    # Weights stay fp32; gold-score, accuracy and reward evaluations run in fp32.
     mixed_precision: str = "auto"
     # Steps between log lines, and between trainer checkpoints (what a rerun resumes from).
     logging_steps: int = 25

@@ -167,8 +167,9 @@ def main() -> None:
     out["bare_loop_tokens_per_s"] = statistics.median(bare_rates)
     out["pretrain_vs_bare_ratio"] = out["pretrain_tokens_per_s"] / out["bare_loop_tokens_per_s"]
     out["pretrain_precision"] = precision(pretrain)
-    print(f"Peak matmul rate ({'bf16' if out['pretrain_precision'] == 'bf16' else 'fp32'})", flush=True)
-    out["matmul_peak_flops"] = matmul_peak_flops(torch.bfloat16 if out["pretrain_precision"] == "bf16" else torch.float32)
+    dtype = torch.bfloat16 if out["pretrain_precision"] == "bf16" else torch.float32
+    print(f"Peak matmul rate ({dtype})", flush=True)
+    out["matmul_peak_flops"] = matmul_peak_flops(dtype)
     out["pretrain_model_flops_per_token"] = flops_per_token(pretrain)
     out["pretrain_mfu"] = out["pretrain_tokens_per_s"] * out["pretrain_model_flops_per_token"] \
         / out["matmul_peak_flops"]

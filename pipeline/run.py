@@ -16,8 +16,8 @@ from typing import Callable, Optional
 
 import psutil
 import torch
-from omegaconf import DictConfig, OmegaConf
 from accelerate.utils import extract_model_from_parallel
+from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 from transformers import TrainerCallback, TrainingArguments
 
@@ -162,6 +162,7 @@ def resolved_precision(setting: str) -> str:
 
 def trainer_arguments(t: TrainerConfig, run: StageRun) -> dict:
     """The TrainingArguments every stage shares, from the trainer section of its config."""
+    precision = resolved_precision(t.mixed_precision)
     return dict(
         output_dir=str(run.trainer_dir),
         max_steps=t.max_steps,
@@ -175,8 +176,8 @@ def trainer_arguments(t: TrainerConfig, run: StageRun) -> dict:
         gradient_accumulation_steps=t.gradient_accumulation_steps,
         **{CHECKPOINTING: t.gradient_checkpointing},
         train_sampling_strategy="group_by_length" if t.group_by_length else "random",
-        bf16=resolved_precision(t.mixed_precision) == "bf16",
-        fp16=resolved_precision(t.mixed_precision) == "fp16",
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
         logging_steps=t.logging_steps,
         logging_nan_inf_filter=False,  # a NaN loss must show, not be averaged away
         save_strategy="steps",

@@ -63,6 +63,13 @@ class TokenizerConfig:
     vocab_size: int = 4096
     # Documents used to train the BPE (a sample of the corpus is enough).
     train_documents: int = 20000
+    # Text the later stages will show the model, added to the BPE's training sample so that their words are
+    # tokens of their own: local files (.txt/.jsonl/.json/.parquet; every text field and message of a row),
+    # data presets by name (e.g. ultrachat: conf/data/<name>.yaml), or "demo" (the demo's instructions and
+    # answers). null: "demo" when the corpus is the demo's, nothing otherwise; [] for nothing.
+    extra_text: Optional[List[str]] = None
+    # Cap on the extra texts used (the first ones of each source, in turn).
+    extra_documents: int = 10000
 
 
 @dataclass

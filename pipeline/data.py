@@ -17,6 +17,7 @@ from pipeline.config import DataConfig
 from pipeline.errors import PipelineError
 
 FILE_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
+CONF_DATA = Path(__file__).resolve().parent.parent / "conf" / "data"  # the data presets
 
 
 def check_jsonl(path: Path, required: tuple[str, ...]) -> None:
@@ -92,6 +93,49 @@ def load_corpus(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[list[str],
     return docs[n_eval:], docs[:n_eval]
 
 
+def row_texts(row) -> list[str]:
+    """Every string in a row: text fields and message contents, in order."""
+    if isinstance(row, str):
+        return [row]
+    if isinstance(row, dict):
+        return [t for k, v in row.items() if k != "role" for t in row_texts(v)]
+    if isinstance(row, list):
+        return [t for v in row for t in row_texts(v)]
+    return []
+
+
+def extra_tokenizer_text(sources: list[str], seed: int, cache_dir: Path, limit: int) -> dict[str, list[str]]:
+    """source -> texts, for tokenizer.extra_text: "demo", a data preset name (conf/data/NAME.yaml) or a local file."""
+    from omegaconf import OmegaConf
+
+    out = {}
+    per_source = max(1, limit // max(len(sources), 1))
+    for source in sources:
+        preset = CONF_DATA / f"{source}.yaml"
+        if source == "demo":
+            # the instructions and answers of demonstrations (the same prompts as the pairs' and PPO's)
+            texts = [t for r in demo.generate_demonstrations(per_source // 2, seed) for t in row_texts(r["messages"])]
+        elif "/" not in source and "." not in source and preset.exists():
+            cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(preset))
+            if cfg.kind != "hub":
+                raise PipelineError(f"tokenizer.extra_text: the preset '{source}' names no data set; give 'demo' "
+                                    f"or the file's path")
+            cfg = OmegaConf.to_object(cfg)
+            cfg.max_rows = per_source
+            texts = [t for r in load_rows(cfg, cache_dir)[0] for t in row_texts(r)]
+        elif Path(source).is_file():
+            ds = load_table(source, (), cache_dir)
+            texts = [t for r in ds.select(range(min(per_source, len(ds)))).to_list() for t in row_texts(r)]
+        else:
+            raise PipelineError(f"tokenizer.extra_text: '{source}' is neither 'demo', a data preset "
+                                f"({', '.join(sorted(p.stem for p in CONF_DATA.glob('*.yaml')))}) nor an existing file")
+        texts = [t for t in texts if t.strip()]
+        if not texts:
+            raise PipelineError(f"tokenizer.extra_text: '{source}' holds no text")
+        out[source] = texts[:per_source]
+    return out
+
+
 def fingerprint(texts: list[str]) -> str:
     h = hashlib.sha256()
     for t in texts:
@@ -155,14 +199,25 @@ def _check_messages(messages, field: str, need_assistant: bool) -> str | None:
     return None
 
 
+SFT_FORMATS = (("messages",), ("prompt", "completion"), ("text",))
+
+
+def sft_format(row: dict) -> tuple[str, ...] | None:
+    """Which of TRL's formats a fine-tuning row is in: conversational, prompt-completion or plain text."""
+    return next((keys for keys in SFT_FORMATS if all(row.get(k) is not None for k in keys)), None)
+
+
 def sft_row_problem(row: dict) -> str | None:
-    """What is wrong with one fine-tuning row, or None: TRL's `messages` or `prompt`/`completion` formats."""
+    """What is wrong with one fine-tuning row, or None: TRL's `messages`, `prompt`/`completion` or `text` formats."""
     if row.get("messages") is not None:
         return _check_messages(row["messages"], "messages", need_assistant=True)
     prompt, completion = row.get("prompt"), row.get("completion")
+    if prompt is None and completion is None and row.get("text") is not None:
+        text = row["text"]
+        return None if isinstance(text, str) and text.strip() else "'text' must be non-empty text"
     if prompt is None or completion is None:
         present = sorted(k for k, v in row.items() if v is not None)
-        return f"missing field: expected 'messages', or 'prompt' and 'completion' (found {present})"
+        return f"missing field: expected 'messages', 'prompt' and 'completion', or 'text' (found {present})"
     if isinstance(prompt, str) and isinstance(completion, str):
         return None if completion.strip() else "empty 'completion'"
     if isinstance(prompt, list) and isinstance(completion, list):
@@ -214,16 +269,18 @@ def split_eval(rows: list, eval_fraction: float, cap: int) -> tuple[list, list]:
 
 
 def load_sft_data(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(train rows, eval rows) in TRL's conversational or prompt-completion format."""
+    """(train rows, eval rows) in TRL's conversational, prompt-completion or language-modeling (text) format."""
     if cfg.kind == "demo":
         rows = [{"messages": r["messages"]} for r in demo.generate_demonstrations(cfg.num_examples, seed,
                                                                                   cfg.flawed_share)]
     else:
         raw, where = load_rows(cfg, cache_dir)
         rows, _ = clean_rows(raw, sft_row_problem, where, cfg.skip_bad_rows)
-        keys = ("messages",) if rows[0].get("messages") is not None else ("prompt", "completion")
-        if any((r.get("messages") is not None) != (keys == ("messages",)) for r in rows):
-            raise PipelineError(f"{where} mixes the 'messages' and 'prompt'/'completion' formats; use one")
+        keys = sft_format(rows[0])
+        odd = next((n for n, r in enumerate(rows, start=1) if sft_format(r) != keys), None)
+        if odd is not None:
+            raise PipelineError(f"{where} mixes formats: row {odd} is not in the first row's {keys} format; "
+                                f"use one of {', '.join('/'.join(k) for k in SFT_FORMATS)} throughout")
         rows = [{k: r[k] for k in keys} for r in rows]
     return split_eval(rows, cfg.eval_fraction, cfg.max_eval_blocks)
 

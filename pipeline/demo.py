@@ -313,6 +313,8 @@ def content_score(prompt: str, response: str) -> float:
     task = task_of(prompt)
     if task == "story":
         m = re.match(r"Write a short story about (\w+), an? (\w+) and an? (\w+) (\w+)\.", prompt)
+        if m is None:  # begins like a demo prompt, but is not one: nothing to check it against
+            return 0.0
         person, animal, colour, obj = m.groups()
         found = find_story_elements(response)
         hits = [_mentions(response, person), _mentions(response, animal),
@@ -322,19 +324,24 @@ def content_score(prompt: str, response: str) -> float:
     story, _, question = prompt.partition("\n\nQuestion: ")
     if task == "qa":
         facts = find_story_elements(story)
-        kind = next(k for k, q in QA_QUESTIONS.items()
-                    if re.fullmatch(re.escape(q).replace(r"\{obj\}", r"\w+").replace(r"\{person\}", r"\w+"), question))
+        kind = next((k for k, q in QA_QUESTIONS.items()
+                     if re.fullmatch(re.escape(q).replace(r"\{obj\}", r"\w+").replace(r"\{person\}", r"\w+"), question)),
+                    None)
+        if kind is None:
+            return 0.0
         vocab = {"colour": COLOURS, "place": PLACES, "animal": ANIMALS, "ending": FEELINGS}[kind]
         said = {w for w in vocab if _mentions(response, w)}
         return 1.0 if said == {facts[kind]} else 0.0
     if task == "sentiment":
-        sentence = prompt.split("\n\n", 1)[1]
+        sentence = prompt.partition("\n\n")[2]
         label = "positive" if any(_mentions(sentence, w) for w in POSITIVE_WORDS) else "negative"
         other = "negative" if label == "positive" else "positive"
         return 1.0 if _mentions(response, label) and not _mentions(response, other) else 0.0
     if task == "summary":
         facts = find_story_elements(story)
         need = [facts["person"], facts["place"], facts["animal"], facts["obj"]]
+        if None in need:  # not a demo story
+            return 0.0
         hits = sum(_mentions(response, w) for w in need) / len(need)
         wrong = [w for w in PLACES + ANIMALS + OBJECTS if w not in need and _mentions(response, w)]
         one_sentence = len(_sentences(response)) == 1

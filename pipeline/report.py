@@ -140,6 +140,8 @@ def write_report(registry: Registry, pipeline_id: str) -> Path:
         lines += [f"## {e.stage}: `{e.id}` ({e.status})", ""]
         if e.parents:
             lines += ["Parents: " + ", ".join(f"`{p}`" for p in e.parents), ""]
+        if e.note:
+            lines += [f"Note: {e.note}", ""]
         if e.metrics:
             lines += ["| metric | value |", "|---|---|"]
             lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"

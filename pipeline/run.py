@@ -23,9 +23,15 @@ from transformers import TrainerCallback, TrainingArguments
 
 from pipeline import tracking
 from pipeline.config import TrainerConfig, validate
+from pipeline.data import row_texts
 from pipeline.errors import PipelineError
 from pipeline.registry import Entry, Registry, config_hash
+from pipeline.tokenizer import coverage
 
+# The handoff check warns when a stage's data is split this many times as finely as the pretraining corpus,
+# or when more than this share of its examples is longer than the pretrained context.
+COVERAGE_WARNING = 1.25
+LONG_WARNING = 0.01
 # Settings that do not change what a run computes: a rerun that differs only in these resumes.
 NOT_HASHED = ("resume", "logging")
 LOG_HISTORY = "log_history.json"  # the trainer's logged metrics, saved beside each checkpoint
@@ -46,6 +52,7 @@ class StageRun:
     resume_from: Optional[str]  # trainer checkpoint to resume from
     report_to: str
     inputs: dict  # name -> Resolved: the checkpoints this stage starts from
+    saved: bool = False  # the trained model is in the entry's directory (set by save_hf_directory)
 
     @property
     def is_main(self) -> bool:
@@ -212,6 +219,38 @@ def save_hf_directory(trainer, tok, run: StageRun) -> None:
         # the logged training curve, for the run report (trainer checkpoints are removed on completion)
         (Path(run.entry.path) / LOG_HISTORY).write_text(json.dumps(trainer.state.log_history))
     run.state.wait_for_everyone()
+    run.saved = True
+
+
+def check_data_coverage(run: StageRun, tok, rows: list[dict], model, sample: int = 2000) -> None:
+    """The handoff from pretraining: does the tokenizer cover this stage's data as it covered the pretraining
+    corpus, and does the data fit the context the model was pretrained on? Warns with the remedy and records
+    both figures (handoff_tokens_per_word_ratio, handoff_long_share) in the entry."""
+    texts = [" ".join(row_texts(r)) for r in rows[:sample]]
+    cov = coverage(tok, texts)
+    pretrained = next((e for _, e in run.registry.lineage(run.inputs["init_from"].entry.id)
+                       if e.stage == "pretrain"), None) if run.inputs["init_from"].entry else None
+    pm = pretrained.metrics if pretrained else {}
+    context = pm.get("context_length") or model.config.max_position_embeddings
+    long_share = sum(n > context for n in cov["lengths"]) / max(len(texts), 1)
+    figures = {"handoff_tokens_per_word": cov["tokens_per_word"], "handoff_long_share": long_share}
+    split = ", ".join(f"'{w}' ({n} tokens)" for w, n in cov["most_split"].items())
+    if "corpus_tokens_per_word" in pm:
+        ratio = cov["tokens_per_word"] / pm["corpus_tokens_per_word"]
+        figures["handoff_tokens_per_word_ratio"] = ratio
+        run.log(f"Tokenizer coverage: {cov['tokens_per_word']:.2f} tokens per word in this data, "
+                f"{pm['corpus_tokens_per_word']:.2f} in the pretraining corpus ({pretrained.id})")
+        if ratio > COVERAGE_WARNING:
+            run.log(f"WARNING: the tokenizer splits this stage's words {ratio:.1f}x as finely as the pretraining "
+                    f"corpus's; frequent words split most: {split}. The model meets these words as pieces it was "
+                    f"never pretrained on and must learn to read them here. Retrain the tokenizer with this text "
+                    f"(make pretrain ARGS=\"tokenizer.extra_text=[PATH]\"), or start from a model that knows the "
+                    f"language (init_from=HUB_ID)")
+    if long_share > LONG_WARNING:
+        run.log(f"WARNING: {long_share:.0%} of this stage's examples are longer than the {context} tokens the model "
+                f"was pretrained on: their later positions were never trained. Pretrain with a longer "
+                f"data.block_size, or shorten the examples (data.max_length)")
+    run.record(**figures)
 
 
 def unwrapped(model):
@@ -234,6 +273,7 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
     entry = None
     registry = None
     state = None
+    run = None
     try:
         typed = validate(cfg)
         config = OmegaConf.to_container(cfg, resolve=True)
@@ -260,7 +300,12 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
         run = StageRun(stage, typed, config, registry, entry, state, resume_from, report_to, resolved)
         for name, r in resolved.items():
             run.log(f"{name}: {r.entry.id if r.entry else r.path} ({r.path})")
-        metrics = body(run)
+        try:
+            metrics = body(run)
+        except Exception as e:
+            if not run.saved:
+                raise
+            metrics = _kept_after_failure(run, e)
         if state.is_main_process:
             metrics["wall_time_s"] = time.time() - psutil.Process().create_time()  # the stage's whole process
             metrics["peak_rss_mb"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
@@ -274,7 +319,7 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
                 shutil.rmtree(run.trainer_dir, ignore_errors=True)
             print(f"[{stage}] Complete: {entry.id}", flush=True)
             print(f"[{stage}] Metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                   for k, v in sorted(metrics.items())), flush=True)
+                                                   for k, v in sorted(entry.metrics.items())), flush=True)
         tracking.finish_run()
         return metrics
     except PipelineError as e:
@@ -284,6 +329,19 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
     except BaseException as e:
         _fail(registry, entry, state, "".join(traceback.format_exception_only(e)).strip() or type(e).__name__)
         raise
+
+
+def _kept_after_failure(run: StageRun, error: Exception) -> dict:
+    """An error after the model was saved (evaluation, samples, tracking) does not discard the model: the entry
+    completes with the metrics recorded so far, and its note and a warning say what failed."""
+    what = str(error) if isinstance(error, PipelineError) else \
+        "".join(traceback.format_exception_only(error)).strip() or type(error).__name__
+    note = f"the model was saved, but what runs after it failed, so some metrics are missing: {what}"
+    if run.is_main:
+        traceback.print_exc()
+        print(f"[{run.stage}] WARNING: {note}", file=sys.stderr, flush=True)
+        run.entry = run.registry.update(run.entry, note=note[:2000])
+    return dict(run.entry.metrics)
 
 
 def _fail(registry, entry, state, note: str) -> None:

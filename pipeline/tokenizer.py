@@ -5,6 +5,8 @@ marker is the eos token (so generation, PPO's stop token and its missing-EOS pen
 from __future__ import annotations
 
 import hashlib
+import re
+from collections import Counter
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import AutoTokenizer, PreTrainedTokenizerFast
@@ -72,3 +74,18 @@ def tokenizer_fingerprint(tok) -> str:
     h = hashlib.sha256(tok.backend_tokenizer.to_str().encode())
     h.update(f"{tok.eos_token}|{tok.pad_token}|{tok.chat_template}".encode())
     return h.hexdigest()[:16]
+
+
+WORD = re.compile(r"[^\W\d_]+")  # runs of letters
+
+
+def coverage(tok, texts: list[str], frequent: int = 300, shown: int = 8) -> dict:
+    """How finely tok splits texts: tokens per whitespace-separated word over all the texts, and among the
+    `frequent` most common words those split into the most tokens (each as it appears after a space)."""
+    ids = tok(texts, add_special_tokens=False, verbose=False)["input_ids"]
+    words = sum(len(t.split()) for t in texts)
+    counts = Counter(w for t in texts for w in WORD.findall(t)).most_common(frequent)
+    pieces = {w: len(tok(" " + w, add_special_tokens=False)["input_ids"]) for w, _ in counts}
+    split = sorted((w for w, _ in counts if pieces[w] > 1), key=lambda w: -pieces[w])[:shown]
+    return {"tokens_per_word": sum(map(len, ids)) / max(words, 1), "most_split": {w: pieces[w] for w in split},
+            "lengths": [len(x) for x in ids]}

@@ -29,7 +29,8 @@ from pipeline.data import fingerprint, load_preference_data
 from pipeline.errors import PipelineError
 from pipeline.models import check_model_source, count_parameters, lora_config
 from pipeline.registry import Registry
-from pipeline.run import StageRun, StopOnNonFiniteLoss, run_stage, save_hf_directory, trainer_arguments, unwrapped
+from pipeline.run import (StageRun, StopOnNonFiniteLoss, check_data_coverage, run_stage, save_hf_directory,
+                          trainer_arguments, unwrapped)
 from pipeline.tokenizer import add_pipeline_tokens, load_tokenizer, tokenizer_fingerprint
 from reward_model.scoring import STATS_FILE, RewardModel
 
@@ -95,6 +96,7 @@ def reward(run: StageRun) -> dict:
     train_pairs, eval_pairs = load_preference_data(cfg.data, cfg.seed, run.cache_dir)
     run.log(f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs; model "
             f"{count_parameters(model) / 1e6:.2f}M parameters; peft={cfg.peft.method}")
+    check_data_coverage(run, tok, [{"prompt": p.get("prompt"), "chosen": p["chosen"]} for p in train_pairs], model)
     if run.is_main and "initial_eval_accuracy" not in run.entry.metrics:
         run.record(initial_eval_accuracy=RewardModel(model, tok).pair_accuracy(eval_pairs)[0])
 
@@ -109,6 +111,7 @@ def reward(run: StageRun) -> dict:
 
     metrics = {"eval_loss": eval_loss, "train_loss": result.training_loss,
                "train_runtime_s": result.metrics["train_runtime"], "global_step": result.global_step}
+    run.record(**metrics)  # kept should the evaluation below fail
     if run.is_main:
         metrics.update(evaluate_pairs(RewardModel(unwrapped(trainer.model), tok), eval_pairs),
                        initial_eval_accuracy=run.entry.metrics["initial_eval_accuracy"])

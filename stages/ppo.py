@@ -34,7 +34,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation import generate_responses, response_logprobs, sample_responses
 from pipeline.models import check_model_source, load_for_finetuning, lora_config
 from pipeline.registry import Registry
-from pipeline.run import StageRun, run_stage, save_hf_directory, trainer_arguments, unwrapped
+from pipeline.run import StageRun, check_data_coverage, run_stage, save_hf_directory, trainer_arguments, unwrapped
 from pipeline.tokenizer import tokenizer_fingerprint
 from reward_model.scoring import STATS_FILE, RewardModel
 
@@ -121,7 +121,8 @@ class GoldTracker(TrainerCallback):
 
 
 def evaluate_policy(model, ref, tok, rm: RewardModel, rows: list[dict], cfg: PPOConfig, desc: str):
-    """Reward, gold score, KL to the reference, length and eos rate of sampled responses to held-out prompts."""
+    """Reward, KL to the reference, length and eos rate of sampled responses to held-out prompts, and on the demo's
+    own prompts the gold score (the demo's judge means nothing on other data)."""
     gen = GenerationEvalConfig(max_new_tokens=cfg.ppo.response_length, temperature=cfg.ppo.temperature,
                                batch_size=cfg.eval.batch_size)
     prompts = [r["prompt"] for r in rows]
@@ -129,13 +130,16 @@ def evaluate_policy(model, ref, tok, rm: RewardModel, rows: list[dict], cfg: PPO
     pairs = sample_responses(model, tok, prompts, gen, desc)
     texts = [tok.decode(r, skip_special_tokens=True).strip() for _, r in pairs]
     scores = rm.score(prompts, [[{"role": "assistant", "content": t}] for t in texts])
-    gold = [demo.gold_score(p[-1]["content"], t) for p, t in zip(prompts, texts)]
+    judged = cfg.data.kind == "demo"
+    gold = [demo.gold_score(p[-1]["content"], t) if judged else None for p, t in zip(prompts, texts)]
     lp = response_logprobs(model, pairs, cfg.ppo.temperature, tok.pad_token_id)
     ref_lp = response_logprobs(ref, pairs, cfg.ppo.temperature, tok.pad_token_id)
     mean = lambda xs: sum(xs) / max(len(xs), 1)
-    metrics = {"reward_mean": mean(scores), "gold_score": mean(gold), "kl": mean([a - b for a, b in zip(lp, ref_lp)]),
+    metrics = {"reward_mean": mean(scores), "kl": mean([a - b for a, b in zip(lp, ref_lp)]),
                "response_length": mean([len(r) for _, r in pairs]),
                "eos_rate": mean([bool(r) and r[-1] == tok.eos_token_id for _, r in pairs])}
+    if judged:
+        metrics["gold_score"] = mean(gold)
     samples = [{"prompt": p[-1]["content"], "response": t, "reward": s, "gold": g}
                for p, t, s, g in zip(prompts, texts, scores, gold)]
     return metrics, samples
@@ -177,6 +181,7 @@ def ppo(run: StageRun) -> dict:
     value = load_reward_model(reward_ref.path, tok, cfg.model.trust_remote_code)  # the value model starts as the RM
 
     train_rows, eval_rows = load_prompt_data(cfg.data, cfg.seed, run.cache_dir, cfg.eval.num_prompts)
+    check_data_coverage(run, tok, [{"prompt": r["prompt"]} for r in train_rows], policy)
     tok.padding_side = "left"  # prompts end where the response begins
     encode = lambda rows: Dataset.from_list(
         [{"input_ids": tok(tok.apply_chat_template(r["prompt"], add_generation_prompt=True, tokenize=False),
@@ -204,15 +209,13 @@ def ppo(run: StageRun) -> dict:
     metrics = {"ppo_steps": trainer.state.global_step, "episodes": trainer.state.episode}
     if budget.fired_at:
         metrics.update(kl_budget_stop_step=budget.fired_at["step"], kl_budget_stop_kl=budget.fired_at["kl"])
+    run.record(**metrics)  # kept should the evaluation below fail
     if run.is_main:
         tuned = unwrapped(trainer.model.policy if hasattr(trainer.model, "policy") else trainer.policy_model)
         after, samples = evaluate_policy(tuned, reference, tok, rm, eval_rows, cfg, "Scoring the PPO policy")
         before, base_samples = evaluate_policy(reference, reference, tok, rm, eval_rows, cfg, "Scoring the SFT policy")
         metrics.update(after)
         metrics.update({f"baseline_{k}": v for k, v in before.items()})
-        if not judged:
-            for k in ("gold_score", "baseline_gold_score"):
-                metrics.pop(k)
         write_samples(run, base_samples, samples)
         history = [h for h in trainer.state.log_history if "objective/scores" in h]
         (Path(run.entry.path) / "ppo_history.json").write_text(json.dumps(
@@ -231,10 +234,12 @@ def write_samples(run: StageRun, before: list[dict], after: list[dict], n: int =
     with open(out / "samples.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     cell = lambda s: str(s).replace("|", "/").replace("\n", " ")
-    lines = ["| prompt | SFT | PPO | reward SFT → PPO | gold SFT → PPO |", "|---|---|---|---|---|"]
+    judged = rows[0]["sft_gold"] is not None
+    lines = ["| prompt | SFT | PPO | reward SFT → PPO |" + (" gold SFT → PPO |" if judged else ""),
+             "|---|---|---|---|" + ("---|" if judged else "")]
     lines += [f"| {cell(r['prompt'][-160:])} | {cell(r['sft'])} | {cell(r['ppo'])} | "
-              f"{r['sft_reward']:.2f} → {r['ppo_reward']:.2f} | {r['sft_gold']:.2f} → {r['ppo_gold']:.2f} |"
-              for r in rows[:n]]
+              f"{r['sft_reward']:.2f} → {r['ppo_reward']:.2f} |"
+              + (f" {r['sft_gold']:.2f} → {r['ppo_gold']:.2f} |" if judged else "") for r in rows[:n]]
     (out / "samples.md").write_text("\n".join(lines) + "\n")
     if run.report_to == "wandb":
         import wandb

@@ -19,16 +19,17 @@ from omegaconf import DictConfig
 from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator, set_seed
 
 from pipeline.config import PretrainConfig, register_schemas
-from pipeline.data import fingerprint, load_corpus, non_padding_share, pack_into_blocks
+from pipeline.data import extra_tokenizer_text, fingerprint, load_corpus, non_padding_share, pack_into_blocks
 from pipeline.models import build_llama, count_parameters, load_causal_lm, match_tokenizer
 from pipeline.run import StageRun, StepTimer, StopOnNonFiniteLoss, run_stage, save_hf_directory, trainer_arguments
-from pipeline.tokenizer import add_pipeline_tokens, load_tokenizer, tokenizer_fingerprint, train_bpe
+from pipeline.tokenizer import add_pipeline_tokens, coverage, load_tokenizer, tokenizer_fingerprint, train_bpe
 
 register_schemas()
 
 
 def prepare_tokenizer(run: StageRun, train_docs: list[str]):
-    """The model's own tokenizer, or a BPE trained on the corpus by the main process and shared through disk."""
+    """The model's own tokenizer, or a BPE trained by the main process (on a sample of the corpus and the later
+    stages' text, tokenizer.extra_text) and shared through disk."""
     cfg: PretrainConfig = run.cfg
     out = Path(run.entry.path)
     if run.resume_from and (out / "tokenizer.json").exists():
@@ -37,13 +38,21 @@ def prepare_tokenizer(run: StageRun, train_docs: list[str]):
         tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
         add_pipeline_tokens(tok)
         return tok
+    t = cfg.tokenizer
+    sources = t.extra_text if t.extra_text is not None else ["demo"] if cfg.data.kind == "demo" else []
     with run.state.main_process_first():
         if run.is_main:
-            run.log(f"Training a byte-level BPE (vocab {cfg.tokenizer.vocab_size}) on "
-                    f"{min(len(train_docs), cfg.tokenizer.train_documents)} documents")
-            tok = train_bpe(train_docs[:cfg.tokenizer.train_documents], cfg.tokenizer.vocab_size,
-                            cfg.data.block_size)
+            docs = train_docs[:t.train_documents]
+            extra = extra_tokenizer_text(sources, cfg.seed, run.cache_dir, t.extra_documents)
+            trained_on = ", ".join([f"{len(docs)} corpus documents"] + [f"{len(v)} texts of {k}" for k, v in extra.items()])
+            run.log(f"Training a byte-level BPE (vocab {t.vocab_size}) on {trained_on}")
+            tok = train_bpe(docs + [x for v in extra.values() for x in v], t.vocab_size, cfg.data.block_size)
             tok.save_pretrained(out)
+            run.record(tokenizer_trained_on=trained_on, tokenizer_vocab_size=len(tok))
+            if len(tok) < 0.9 * t.vocab_size:
+                run.log(f"WARNING: the BPE stopped at {len(tok)} of the {t.vocab_size} tokens asked for: its training "
+                        f"text holds too few distinct words to fill the vocabulary. Lower tokenizer.vocab_size to "
+                        f"about {len(tok)}, or add the text your model will be fine-tuned on (tokenizer.extra_text)")
     return AutoTokenizer.from_pretrained(out)
 
 
@@ -58,6 +67,8 @@ def pretrain(run: StageRun) -> dict:
     eval_blocks = pack_into_blocks(eval_docs, tok, cfg.data.block_size, "eval corpus")
     eval_blocks = eval_blocks.select(range(min(len(eval_blocks), cfg.data.max_eval_blocks)))
     packing = non_padding_share(train_blocks, tok.pad_token_id)
+    # what later stages' handoff checks compare their data with
+    corpus_tokens_per_word = coverage(tok, train_docs[:2000])["tokens_per_word"]
     run.log(f"{len(train_docs)} train / {len(eval_docs)} eval documents -> {len(train_blocks)} train / "
             f"{len(eval_blocks)} eval blocks of {cfg.data.block_size} tokens; non-padding share {packing:.4f}")
 
@@ -99,6 +110,8 @@ def pretrain(run: StageRun) -> dict:
         "perplexity": math.exp(min(eval_loss, 50.0)),
         "train_loss": result.training_loss,
         "packing_efficiency": packing,
+        "corpus_tokens_per_word": corpus_tokens_per_word,
+        "context_length": cfg.data.block_size,
         "train_tokens_per_s": tokens / max(result.metrics["train_runtime"], 1e-9),
         # past the first steps: what `make bench` compares with a bare PyTorch loop
         "steady_tokens_per_s": tokens / max(steps_run, 1) / timer.seconds_per_step(),

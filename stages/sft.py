@@ -29,7 +29,8 @@ from pipeline.data import fingerprint, load_sft_data
 from pipeline.evaluation import gold_eval
 from pipeline.models import count_parameters, load_for_finetuning, lora_config
 from pipeline.registry import Registry
-from pipeline.run import StageRun, StopOnNonFiniteLoss, run_stage, save_hf_directory, trainer_arguments, unwrapped
+from pipeline.run import (StageRun, StopOnNonFiniteLoss, check_data_coverage, run_stage, save_hf_directory,
+                          trainer_arguments, unwrapped)
 from pipeline.tokenizer import tokenizer_fingerprint
 
 register_schemas()
@@ -50,6 +51,7 @@ def padding_free(batching: str, model) -> bool:
 def build_trainer(run: StageRun, model, tok, train_rows: list[dict], eval_rows: list[dict]) -> SFTTrainer:
     cfg: SFTConfig = run.cfg
     conversational = "messages" in train_rows[0]
+    plain_text = "text" in train_rows[0]
     flat = padding_free(cfg.batching, model)
     args = TRLSFTConfig(
         **trainer_arguments(cfg.trainer, run),
@@ -57,9 +59,9 @@ def build_trainer(run: StageRun, model, tok, train_rows: list[dict], eval_rows: 
         max_length=None if flat else cfg.data.max_length,
         padding_free=flat,
         # The loss covers only what the model should learn to say: the assistant turns ({% generation %}
-        # in the chat template) or the completion.
+        # in the chat template) or the completion; plain text has no turns, so every token counts.
         assistant_only_loss=conversational,
-        completion_only_loss=None if conversational else True,
+        completion_only_loss=not (conversational or plain_text),
         packing=False,
         dataset_num_proc=None,
     )
@@ -76,7 +78,9 @@ def build_trainer(run: StageRun, model, tok, train_rows: list[dict], eval_rows: 
             run.log(f"{n - len(trainer.train_dataset)} demonstrations longer than data.max_length="
                     f"{cfg.data.max_length} tokens are left out")
     run.log(f"batches: {'padding-free' if flat else 'padded'} (batching={cfg.batching}, "
-            f"attention: {model.config._attn_implementation})")
+            f"attention: {model.config._attn_implementation}); loss on "
+            + ("the assistant turns" if conversational else "every token: plain-text rows have no turns to mask"
+               if plain_text else "the completions"))
     return trainer
 
 
@@ -88,6 +92,7 @@ def sft(run: StageRun) -> dict:
     train_rows, eval_rows = load_sft_data(cfg.data, cfg.seed, run.cache_dir)
     run.log(f"{len(train_rows)} train / {len(eval_rows)} eval demonstrations; model "
             f"{count_parameters(model) / 1e6:.2f}M parameters; peft={cfg.peft.method}")
+    check_data_coverage(run, tok, train_rows, model)
 
     # The gold judge scores the demo's held-out prompts (user data has no judge: only the loss is reported).
     judged = cfg.data.kind == "demo"
@@ -107,6 +112,7 @@ def sft(run: StageRun) -> dict:
     metrics = {"initial_eval_loss": run.entry.metrics["initial_eval_loss"], "eval_loss": eval_loss,
                "perplexity": math.exp(min(eval_loss, 50.0)), "train_loss": result.training_loss,
                "train_runtime_s": result.metrics["train_runtime"], "global_step": result.global_step}
+    run.record(**metrics)  # kept should the evaluation below fail
     if judged and run.is_main:
         gold, samples = gold_eval(unwrapped(trainer.model), tok, prompts, cfg.eval, "Scoring the fine-tuned model")
         metrics.update(gold_score=gold, baseline_gold_score=run.entry.metrics["baseline_gold_score"])

@@ -81,3 +81,14 @@ def test_gold_judge_specifics():
     assert demo.gold_score(ask, story.replace("red", "green")) < 0.8
     assert demo.gold_score(ask, story[:-1] + " and then") < demo.gold_score(ask, story)
     assert demo.gold_score("Tell me a joke.", "No.") == 0.0
+
+
+@pytest.mark.parametrize("prompt", [
+    "Write a short story about Tom and a red cat at the park.",
+    "Read the story and answer the question.\n\nTom had a cat.\n\nQuestion: Who had a cat?",
+    "Is this sentence positive or negative? Tom loved his cat.",
+    "Summarize the story in one sentence.\n\nTom had a cat.",
+])
+def test_the_judge_scores_prompts_that_only_begin_like_the_demos(prompt):
+    """A user's prompt that starts like a demo prompt gets a score, not an exception."""
+    assert 0.0 <= demo.gold_score(prompt, "Tom had a red cat.") <= 0.3  # form only: there is nothing to check

@@ -120,7 +120,7 @@ TINY = "experiment=ci eval.num_prompts=16 ppo.gold_every=2 ppo.gold_prompts=8"
 
 
 @pytest.mark.slow
-def test_ppo_runs_after_sft_and_reward_with_both_parents(home):
+def test_ppo_runs_after_sft_and_reward_with_both_parents(home, tmp_path):
     r = make("ppo", home, "experiment=ci")
     assert r.returncode != 0 and "make sft" in r.stdout + r.stderr and "Traceback" not in r.stdout + r.stderr
     for stage in ("pretrain", "sft"):
@@ -139,7 +139,7 @@ def test_ppo_runs_after_sft_and_reward_with_both_parents(home):
     for k in ("reward_mean", "baseline_reward_mean", "gold_score", "baseline_gold_score", "kl", "response_length",
               "eos_rate"):
         assert k in m
-    assert m["ppo_steps"] == 4 and m["baseline_kl"] == pytest.approx(0.0, abs=1e-4)
+    assert m["ppo_steps"] == 4
     import json, os
     history = json.load(open(os.path.join(e["path"], "ppo_history.json")))
     assert len(history["log"]) == 4 and [g["step"] for g in history["gold"]] == [2, 4]
@@ -152,3 +152,14 @@ def test_ppo_runs_after_sft_and_reward_with_both_parents(home):
     r = make("ppo", home, f"{TINY} trainer.max_steps=4")
     assert r.returncode == 0 and f"{dead.id} cannot be resumed" in r.stdout
     assert reg.get(dead.id).status == "failed"
+    # prompts of the user's own that begin like the demo's: the demo's judge is not run on them, nothing crashes
+    prompts = tmp_path / "prompts.jsonl"
+    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in [
+        "Write a short story about Tom and a red cat at the park.", "Summarize the story in one sentence.",
+        "Read the story and answer the question. Who is Tom?", "Is this sentence positive or negative? I like tea."] * 10))
+    r = make("ppo", home, f"{TINY} trainer.max_steps=2 trainer.per_device_train_batch_size=4 data=local "
+                          f"data.path={prompts} data.eval_fraction=0.2")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    local = [e for e in registry_entries(home, "ppo") if e["config"]["data"]["kind"] == "file"]
+    assert [e["status"] for e in local] == ["complete"]
+    assert "reward_mean" in local[0]["metrics"] and not {"gold_score", "baseline_gold_score"} & set(local[0]["metrics"])

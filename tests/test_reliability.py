@@ -145,3 +145,36 @@ def test_checkpoints_are_safetensors_and_remote_code_is_off(fine_tuned, tmp_path
     r = make("reward", home, f"{CI} init_from={custom} trainer.max_steps=2")
     assert "custom code ran" not in r.stdout + r.stderr
     assert "Traceback" not in r.stdout + r.stderr
+
+
+def test_an_error_after_the_save_keeps_the_model(fine_tuned, tmp_path, monkeypatch, capsys):
+    """An exception in the post-save evaluation: the entry completes with the training metrics, the failure is in
+    its note and printed, and the model resolves by reference (the stage runs in this process)."""
+    from hydra import compose, initialize_config_dir
+    from transformers import AutoModelForCausalLM
+
+    import stages.sft
+    from pipeline.config import register_schemas
+    from pipeline.registry import Registry
+
+    home = copy_registry(fine_tuned, tmp_path)
+    register_schemas()
+    with initialize_config_dir(config_dir=str(Path(stages.sft.__file__).parent.parent / "conf"), version_base="1.3"):
+        cfg = compose("sft", overrides=[CI, f"registry.root={home}", "eval.num_prompts=4", "trainer.max_steps=5"])
+    calls = []
+
+    def judge_fails_after_training(model, *args, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:  # the first call scores the start model, the second the saved one
+            raise RuntimeError("the judge broke")
+        return 0.25, []
+
+    monkeypatch.setattr(stages.sft, "gold_eval", judge_fails_after_training)
+    stages.sft.run_stage("sft", cfg, stages.sft.sft, stages.sft.inputs)
+    assert len(calls) == 2
+    resolved = Registry(home).resolve("sft:latest")
+    entry = resolved.entry
+    assert entry.status == "complete" and "the judge broke" in entry.note and "model was saved" in entry.note
+    assert entry.metrics["global_step"] == 5 and "eval_loss" in entry.metrics and "gold_score" not in entry.metrics
+    assert "WARNING" in capsys.readouterr().err
+    AutoModelForCausalLM.from_pretrained(resolved.path)  # the trained model, reachable by reference

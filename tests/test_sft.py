@@ -204,3 +204,52 @@ def test_bad_rows_are_named_or_skipped(home_with_pretrain, tmp_path, case):
     r = make("sft", home, f"{CI} data=local data.path={f} data.skip_bad_rows=true trainer.max_steps=5")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "Skipped 1 bad row(s)" in r.stdout and len(complete(home)) == 1
+
+
+@pytest.mark.slow
+def test_plain_text_rows_train_on_every_token(home_with_pretrain, tmp_path):
+    """TRL's language-modeling format, {"text": ...} rows: accepted, with the loss on every token."""
+    home = home_with_pretrain
+    f = tmp_path / "texts.jsonl"
+    f.write_text("\n".join(json.dumps({"text": t}) for t in demo.generate_corpus(200, 9)))
+    r = make("sft", home, f"{CI} data=local data.path={f} trainer.max_steps=20")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "loss on every token" in r.stdout
+    [e] = complete(home)
+    assert e["metrics"]["eval_loss"] < e["metrics"]["initial_eval_loss"] and "gold_score" not in e["metrics"]
+
+
+def test_plain_text_batches_carry_the_loss_on_every_token(tmp_path):
+    from stages.sft import build_trainer
+    tok = train_bpe(demo.generate_corpus(300, 0), 400, 128)
+    rows = [{"text": t} for t in demo.generate_corpus(8, 1)]
+    run = SimpleNamespace(cfg=ci_config(), trainer_dir=tmp_path, report_to="none", entry=SimpleNamespace(id="t"),
+                          log=print)
+    batch = next(iter(build_trainer(run, tiny_model(tok), tok, rows, rows[:2]).get_train_dataloader()))
+    real = batch["input_ids"] != tok.pad_token_id
+    assert torch.equal(batch["labels"] != -100, real)  # every real token is trained, padding is not
+
+
+@pytest.mark.slow
+def test_handoff_warns_when_the_tokenizer_never_saw_the_instructions(home):
+    """A BPE trained on the stories alone splits the instruction words; the SFT handoff check names them."""
+    r = make("pretrain", home, f"{CI} tokenizer.extra_text=[]")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    r = make("sft", home, f"{CI} trainer.max_steps=2 eval.num_prompts=4")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "WARNING: the tokenizer splits this stage's words" in r.stdout and "'Summarize'" in r.stdout
+    assert "tokenizer.extra_text" in r.stdout
+    [e] = complete(home)
+    assert e["metrics"]["handoff_tokens_per_word_ratio"] > 1.25
+
+
+@pytest.mark.slow
+def test_no_handoff_warning_when_the_tokenizer_saw_the_instructions(home_with_pretrain):
+    home = home_with_pretrain
+    [pre] = complete(home, "pretrain")
+    assert "demo" in pre["metrics"]["tokenizer_trained_on"]
+    r = make("sft", home, f"{CI} trainer.max_steps=2 eval.num_prompts=4")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "Tokenizer coverage" in r.stdout and "WARNING: the tokenizer splits" not in r.stdout
+    [e] = complete(home)
+    assert e["metrics"]["handoff_tokens_per_word_ratio"] < 1.25

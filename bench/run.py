@@ -4,7 +4,7 @@ Figures and ratios measured side by side in one run, printed as a table and writ
 $PIPELINE_HOME/bench.json; nothing here asserts a time. The stages run through their real commands on the
 demo model, into a registry of their own ($PIPELINE_HOME/bench/), so the user's registry is untouched.
 
-    make bench                      # about 5 minutes on a laptop CPU
+    make bench                      # about 10 minutes on a laptop CPU
     make bench ARGS="model=tiny"    # extra Hydra overrides for every stage run
 """
 from __future__ import annotations
@@ -145,6 +145,42 @@ def sft_batching(overrides: list[str], init_from: str, out_dir: Path, steps: int
     return out
 
 
+# fp32 against bf16 autocast, stage by stage: (stage, overrides); each run's steady seconds per step is compared.
+PRECISION_RUNS = {
+    "pretrain 16x256": ("pretrain", "data.num_documents=4000 data.max_eval_blocks=8 trainer.max_steps=20 "
+                                    "trainer.save_steps=20"),
+    "pretrain 32x128": ("pretrain", "data.num_documents=4000 data.max_eval_blocks=8 trainer.max_steps=20 "
+                                    "trainer.save_steps=20 data.block_size=128 trainer.per_device_train_batch_size=32"),
+    "reward": ("reward", "trainer.max_steps=20 trainer.save_steps=20 data.max_eval_blocks=32"),
+    "ppo": ("ppo", "trainer.max_steps=3 eval.num_prompts=16 ppo.gold_every=0"),
+}
+
+
+def precision_table(root: Path, extra: str, peaks: dict) -> dict:
+    """Steady seconds per step of each stage in fp32 and in bf16 autocast, run alternately, and what
+    trainer.mixed_precision=auto picks here. Where bf16 matmuls run at under half the fp32 rate (no native bf16:
+    no AMX, no bf16 GPU), no stage can be faster in bf16 and its bf16 runs are skipped (None)."""
+    from pipeline.run import resolved_precision
+
+    bf16_viable = peaks["bf16"] >= 0.5 * peaks["fp32"]
+    precisions = ("no", "bf16") if bf16_viable else ("no",)
+    times: dict = {name: {p: [] for p in precisions} for name in PRECISION_RUNS}
+    for _ in range(ROUNDS):
+        for name, (stage, args) in PRECISION_RUNS.items():
+            for p in precisions:
+                entry = make_stage(stage, root, f"{args} trainer.mixed_precision={p} {extra}")
+                times[name][p].append(entry["metrics"]["steady_seconds_per_step"])
+    auto = resolved_precision("auto")
+    table = {}
+    for name, t in times.items():
+        fp32, bf16 = statistics.median(t["no"]), statistics.median(t["bf16"]) if "bf16" in t else None
+        faster = "bf16" if bf16 is not None and bf16 < fp32 else "no"
+        table[name] = {"fp32_s_per_step": fp32, "bf16_s_per_step": bf16,
+                       "bf16_speedup": fp32 / bf16 if bf16 else peaks["bf16"] / peaks["fp32"],
+                       "faster": faster, "auto": auto, "auto_is_faster": auto == faster}
+    return table
+
+
 def main() -> None:
     from pipeline.registry import default_root
 
@@ -167,9 +203,10 @@ def main() -> None:
     out["bare_loop_tokens_per_s"] = statistics.median(bare_rates)
     out["pretrain_vs_bare_ratio"] = out["pretrain_tokens_per_s"] / out["bare_loop_tokens_per_s"]
     out["pretrain_precision"] = precision(pretrain)
-    dtype = torch.bfloat16 if out["pretrain_precision"] == "bf16" else torch.float32
-    print(f"Peak matmul rate ({dtype})", flush=True)
-    out["matmul_peak_flops"] = matmul_peak_flops(dtype)
+    print("Peak matmul rate (fp32 and bf16)", flush=True)
+    peaks = {"fp32": matmul_peak_flops(torch.float32), "bf16": matmul_peak_flops(torch.bfloat16)}
+    out["matmul_peak_flops_fp32"], out["matmul_peak_flops_bf16"] = peaks["fp32"], peaks["bf16"]
+    out["matmul_peak_flops"] = peaks["bf16" if out["pretrain_precision"] == "bf16" else "fp32"]
     out["pretrain_model_flops_per_token"] = flops_per_token(pretrain)
     out["pretrain_mfu"] = out["pretrain_tokens_per_s"] * out["pretrain_model_flops_per_token"] \
         / out["matmul_peak_flops"]
@@ -197,6 +234,9 @@ def main() -> None:
 
     from pipeline.registry import Registry
     ppo = Registry(root).resolve("ppo:latest").entry
+
+    print("Precision: each stage in fp32 and in bf16 autocast, alternately", flush=True)
+    out["precision"] = precision_table(root, extra, peaks)
     out["peak_rss_mb"] = {e["id"].split("-")[0]: e["metrics"]["peak_rss_mb"] for e in (pretrain, sft, reward)}
     out["peak_rss_mb"]["ppo"] = ppo.metrics["peak_rss_mb"]
     out["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
@@ -204,11 +244,21 @@ def main() -> None:
     (home / "bench.json").write_text(json.dumps(out, indent=2))
     print()
     for k, v in out.items():
+        if k == "precision":
+            continue
         if isinstance(v, dict):
             v = ", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items())
         elif isinstance(v, float):
             v = f"{v:.4g}"
         print(f"{k:40s} {v}")
+    print(f"\n{'stage':18s} {'fp32 s/step':>12s} {'bf16 s/step':>12s} {'bf16 speed-up':>14s}  faster  auto")
+    for name, r in out["precision"].items():
+        bf16 = f"{r['bf16_s_per_step']:12.3f}" if r["bf16_s_per_step"] is not None else f"{'not run':>12s}"
+        print(f"{name:18s} {r['fp32_s_per_step']:12.3f} {bf16} {r['bf16_speedup']:13.2f}x  "
+              f"{'bf16' if r['faster'] == 'bf16' else 'fp32':6s}  {'bf16' if r['auto'] == 'bf16' else 'fp32'}")
+    if any(r["bf16_s_per_step"] is None for r in out["precision"].values()):
+        print(f"(bf16 not run: bf16 matmuls run at {peaks['bf16'] / peaks['fp32']:.2f}x the fp32 rate here; the "
+              f"speed-up column shows that ratio)")
     print(f"\nWritten: {home / 'bench.json'}")
 
 

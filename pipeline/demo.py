@@ -324,9 +324,8 @@ def content_score(prompt: str, response: str) -> float:
     story, _, question = prompt.partition("\n\nQuestion: ")
     if task == "qa":
         facts = find_story_elements(story)
-        kind = next((k for k, q in QA_QUESTIONS.items()
-                     if re.fullmatch(re.escape(q).replace(r"\{obj\}", r"\w+").replace(r"\{person\}", r"\w+"), question)),
-                    None)
+        pattern = lambda q: re.escape(q).replace(r"\{obj\}", r"\w+").replace(r"\{person\}", r"\w+")
+        kind = next((k for k, q in QA_QUESTIONS.items() if re.fullmatch(pattern(q), question)), None)
         if kind is None:
             return 0.0
         vocab = {"colour": COLOURS, "place": PLACES, "animal": ANIMALS, "ending": FEELINGS}[kind]

@@ -29,8 +29,8 @@ from pipeline.data import fingerprint, load_preference_data
 from pipeline.errors import PipelineError
 from pipeline.models import check_model_source, count_parameters, lora_config
 from pipeline.registry import Registry
-from pipeline.run import (StageRun, StopOnNonFiniteLoss, check_data_coverage, run_stage, save_hf_directory,
-                          trainer_arguments, unwrapped)
+from pipeline.run import (StageRun, StepTimer, StopOnNonFiniteLoss, check_data_coverage, run_stage,
+                          save_hf_directory, trainer_arguments, unwrapped)
 from pipeline.tokenizer import add_pipeline_tokens, load_tokenizer, tokenizer_fingerprint
 from reward_model.scoring import STATS_FILE, RewardModel
 
@@ -102,15 +102,23 @@ def reward(run: StageRun) -> dict:
 
     args = TRLRewardConfig(**trainer_arguments(cfg.trainer, run), max_length=cfg.data.max_length,
                            disable_dropout=True, dataset_num_proc=None)
+    timer = StepTimer()
     trainer = PairTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
                           eval_dataset=Dataset.from_list(eval_pairs), processing_class=tok,
-                          peft_config=lora_config(cfg.peft, "SEQ_CLS"), callbacks=[StopOnNonFiniteLoss()])
+                          peft_config=lora_config(cfg.peft, "SEQ_CLS"), callbacks=[StopOnNonFiniteLoss(), timer])
+    dropped = len(train_pairs) - len(trainer.train_dataset)  # TRL leaves out pairs longer than max_length
+    run.record(pairs_over_max_length=dropped)
+    if dropped:
+        run.log(f"{'WARNING: ' if dropped > 0.01 * len(train_pairs) else ''}{dropped} of {len(train_pairs)} pairs are "
+                f"longer than data.max_length={cfg.data.max_length} tokens and are left out of training; raise "
+                f"data.max_length to keep them")
     result = trainer.train(resume_from_checkpoint=run.resume_from)
     eval_loss = trainer.evaluate()["eval_loss"]
     save_hf_directory(trainer, tok, run)
 
     metrics = {"eval_loss": eval_loss, "train_loss": result.training_loss,
-               "train_runtime_s": result.metrics["train_runtime"], "global_step": result.global_step}
+               "train_runtime_s": result.metrics["train_runtime"], "global_step": result.global_step,
+               "steady_seconds_per_step": timer.seconds_per_step()}
     run.record(**metrics)  # kept should the evaluation below fail
     if run.is_main:
         metrics.update(evaluate_pairs(RewardModel(unwrapped(trainer.model), tok), eval_pairs),

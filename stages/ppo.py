@@ -34,7 +34,8 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation import generate_responses, response_logprobs, sample_responses
 from pipeline.models import check_model_source, load_for_finetuning, lora_config
 from pipeline.registry import Registry
-from pipeline.run import StageRun, check_data_coverage, run_stage, save_hf_directory, trainer_arguments, unwrapped
+from pipeline.run import (StageRun, StepTimer, check_data_coverage, run_stage, save_hf_directory, trainer_arguments,
+                          unwrapped)
 from pipeline.tokenizer import tokenizer_fingerprint
 from reward_model.scoring import STATS_FILE, RewardModel
 
@@ -196,9 +197,10 @@ def ppo(run: StageRun) -> dict:
     tracker = GoldTracker(policy, tok, eval_rows[:p.gold_prompts] if judged else [], p.gold_every,
                           GenerationEvalConfig(max_new_tokens=p.response_length, batch_size=cfg.eval.batch_size))
     budget = KLBudget(p.kl_budget)
+    timer = StepTimer(skip=1)  # an update is long; the first one's warm-up is what is left out
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=reference, reward_model=scorer,
                          value_model=value, train_dataset=train_ds, eval_dataset=eval_ds,
-                         peft_config=lora_config(cfg.peft, "CAUSAL_LM"), callbacks=[tracker, budget])
+                         peft_config=lora_config(cfg.peft, "CAUSAL_LM"), callbacks=[tracker, budget, timer])
     try:
         trainer.train()
     except KLBudget.Exceeded:
@@ -206,7 +208,8 @@ def ppo(run: StageRun) -> dict:
                 f"{p.kl_budget}): stopped early, keeping the policy of that step")
     save_hf_directory(trainer, tok, run)
 
-    metrics = {"ppo_steps": trainer.state.global_step, "episodes": trainer.state.episode}
+    metrics = {"ppo_steps": trainer.state.global_step, "episodes": trainer.state.episode,
+               "steady_seconds_per_step": timer.seconds_per_step()}
     if budget.fired_at:
         metrics.update(kl_budget_stop_step=budget.fired_at["step"], kl_budget_stop_kl=budget.fired_at["kl"])
     run.record(**metrics)  # kept should the evaluation below fail

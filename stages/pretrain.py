@@ -44,7 +44,8 @@ def prepare_tokenizer(run: StageRun, train_docs: list[str]):
         if run.is_main:
             docs = train_docs[:t.train_documents]
             extra = extra_tokenizer_text(sources, cfg.seed, run.cache_dir, t.extra_documents)
-            trained_on = ", ".join([f"{len(docs)} corpus documents"] + [f"{len(v)} texts of {k}" for k, v in extra.items()])
+            trained_on = ", ".join([f"{len(docs)} corpus documents"]
+                                   + [f"{len(v)} texts of {k}" for k, v in extra.items()])
             run.log(f"Training a byte-level BPE (vocab {t.vocab_size}) on {trained_on}")
             tok = train_bpe(docs + [x for v in extra.values() for x in v], t.vocab_size, cfg.data.block_size)
             tok.save_pretrained(out)
@@ -115,6 +116,7 @@ def pretrain(run: StageRun) -> dict:
         "train_tokens_per_s": tokens / max(result.metrics["train_runtime"], 1e-9),
         # past the first steps: what `make bench` compares with a bare PyTorch loop
         "steady_tokens_per_s": tokens / max(steps_run, 1) / timer.seconds_per_step(),
+        "steady_seconds_per_step": timer.seconds_per_step(),
         "train_runtime_s": result.metrics["train_runtime"],
         "parameters": count_parameters(model),
         "global_step": result.global_step,

@@ -156,7 +156,8 @@ def test_ppo_runs_after_sft_and_reward_with_both_parents(home, tmp_path):
     prompts = tmp_path / "prompts.jsonl"
     prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in [
         "Write a short story about Tom and a red cat at the park.", "Summarize the story in one sentence.",
-        "Read the story and answer the question. Who is Tom?", "Is this sentence positive or negative? I like tea."] * 10))
+        "Read the story and answer the question. Who is Tom?",
+        "Is this sentence positive or negative? I like tea."] * 10))
     r = make("ppo", home, f"{TINY} trainer.max_steps=2 trainer.per_device_train_batch_size=4 data=local "
                           f"data.path={prompts} data.eval_fraction=0.2")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

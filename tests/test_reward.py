@@ -131,3 +131,12 @@ def test_group_by_length_batches_pairs_of_similar_length(fine_tuned, tmp_path):
 
     grouped, shuffled = padding("group_by_length"), padding("random")
     assert grouped < 0.7 * shuffled, (grouped, shuffled)
+
+
+def test_pairs_longer_than_max_length_are_counted_and_named(home_with_sft):
+    """TRL drops pairs longer than max_length from training without a word: the stage says how many."""
+    r = make("reward", home_with_sft, f"{CI} trainer.max_steps=2 data.max_length=60")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "WARNING: " in r.stdout and "longer than data.max_length=60 tokens" in r.stdout
+    [e] = complete(home_with_sft)
+    assert 0 < e["metrics"]["pairs_over_max_length"] < 400

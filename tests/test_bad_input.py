@@ -26,6 +26,8 @@ CASES = {
     "best of a stage never run": ("sft", "init_from=reward:best", "Run `make reward` first", True),
     "missing model directory": ("sft", "init_from=/no/such/model", "'/no/such/model' is neither", False),
     "a causal LM as the reward model": ("ppo", "reward_model=sft:latest", "reward_stats.json", True),
+    "unknown tokenizer text": ("pretrain", "tokenizer.extra_text=[no-such-file.jsonl]",
+                               "tokenizer.extra_text: 'no-such-file.jsonl' is neither 'demo', a data preset", False),
 }
 
 

@@ -137,3 +137,18 @@ def test_evaluation_after_mixed_precision_training_runs_in_fp32():
         assert torch.equal(unwrapped(prepared)(input_ids=x).logits, fp32)
     finally:
         AcceleratorState._reset_state(reset_partial_state=True)  # the next test's trainer sets its own
+
+
+def test_extra_text_from_a_file_gives_its_words_their_own_tokens(home, tmp_path):
+    """tokenizer.extra_text: the words of a fine-tuning file become tokens, and the entry says what the BPE saw."""
+    chats = tmp_path / "chats.jsonl"
+    chats.write_text("\n".join(json.dumps({"messages": [
+        {"role": "user", "content": f"Photosynthesize the quokka number {i}."},
+        {"role": "assistant", "content": "Photosynthesizing quokkas is impossible."}]}) for i in range(300)))
+    r = make("pretrain", home, f"{CI} tokenizer.extra_text=[{chats}] trainer.max_steps=2")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    [e] = complete(home)
+    assert f"600 texts of {chats}" in e["metrics"]["tokenizer_trained_on"]
+    assert "demo" not in e["metrics"]["tokenizer_trained_on"]  # an explicit list replaces the demo's default
+    tok = AutoTokenizer.from_pretrained(e["path"])
+    assert tok.tokenize(" quokka") == ["Ġquokka"]  # a word the stories never use

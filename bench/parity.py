@@ -9,7 +9,8 @@ the pipeline's `make` targets on those files (`data=local`, as a user with their
 both sides' checkpoints with one piece of code: the gold judge on held-out prompts (greedy responses) after
 SFT and after PPO, and reward-model accuracy on held-out pairs. Results go to $PIPELINE_HOME/parity.json:
 {"seeds": [{"seed": 0, "plain": {...}, "pipeline": {...}}]}, each side with sft_gold, reward_accuracy,
-ppo_gold, pretrain_eval_loss and seconds (per stage and in all). A side that finished is not rerun.
+ppo_gold, pretrain_eval_loss and seconds (per stage and in all). A side that finished is not rerun, nor is a
+stage whose checkpoint is there (delete $PIPELINE_HOME/parity/seedN to start a seed again).
 """
 from __future__ import annotations
 
@@ -68,15 +69,19 @@ def run_pipeline(data: Path, registry: Path, seed: int) -> tuple[dict, dict]:
     """The four stages through `make`; (checkpoint directory per stage, seconds per stage)."""
     from pipeline.registry import Registry
 
-    paths, seconds = {}, {}
+    paths, seconds, ran = {}, {}, False
     for stage, args in pipeline_args(data, seed).items():
-        target = "reward" if stage == "reward" else stage
-        started = time.time()
-        cmd = ["make", "--no-print-directory", target,
+        done = [e for e in Registry(registry).entries(stage) if e.status == "complete"]
+        if done and not ran:  # a long run picks up where it stopped: delete the seed's registry to start again
+            paths[stage], seconds[stage] = done[-1].path, done[-1].metrics["wall_time_s"]
+            print(f"  pipeline {stage}: done before ({done[-1].id})", flush=True)
+            continue
+        ran, started = True, time.time()
+        cmd = ["make", "--no-print-directory", stage,
                f"ARGS=registry.root={registry} logging=none seed={seed} {args}"]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if r.returncode != 0:
-            sys.exit(f"parity: make {target} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+            sys.exit(f"parity: make {stage} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
         seconds[stage] = time.time() - started
         paths[stage] = Registry(registry).resolve(f"{stage}:latest").path
         print(f"  pipeline {stage}: {seconds[stage]:.0f} s", flush=True)
@@ -98,17 +103,21 @@ def run_plain(data: Path, out: Path, seed: int) -> tuple[dict, dict]:
 
 def judge(paths: dict, data: Path) -> dict:
     """The same measurements for either side: gold of greedy responses to held-out prompts after SFT and
-    after PPO, reward accuracy on held-out pairs, the pretrained model's loss on held-out stories."""
+    after PPO, reward accuracy on held-out pairs, and how often the pretrained model copies a held-out story's
+    names (pretrain_copy_rate: what SFT gold depends on at these sizes)."""
     import torch
     from transformers import AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer
 
     from pipeline.config import GenerationEvalConfig
-    from pipeline.evaluation import gold_eval
+    from pipeline.evaluation import copy_rate, gold_eval
     from reward_model.scoring import RewardModel
 
     read = lambda name: [json.loads(line) for line in open(data / f"{name}.jsonl")]
     prompts, pairs = read("heldout_prompts"), read("heldout_pairs")
-    out = {}
+    # both sides hold out the corpus's first 2% from pretraining
+    stories = [json.loads(line)["text"] for _, line in zip(range(SIZES["corpus"] // 100), open(data / "corpus.jsonl"))]
+    model = AutoModelForCausalLM.from_pretrained(paths["pretrain"], dtype=torch.float32)
+    out = {"pretrain_copy_rate": copy_rate(model, AutoTokenizer.from_pretrained(paths["pretrain"]), stories)["person"]}
     for stage in ("sft", "ppo"):
         model = AutoModelForCausalLM.from_pretrained(paths[stage], dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(paths[stage])
@@ -160,8 +169,8 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def print_table(results: dict) -> None:
-    keys = ("pretrain_eval_loss", "sft_gold", "reward_accuracy", "ppo_gold", "pretrain_seconds", "sft_seconds",
-            "reward_seconds", "ppo_seconds", "seconds")
+    keys = ("pretrain_eval_loss", "pretrain_copy_rate", "sft_gold", "reward_accuracy", "ppo_gold", "pretrain_seconds",
+            "sft_seconds", "reward_seconds", "ppo_seconds", "seconds")
     print(f"\n{'seed':>4} {'figure':22s} {'plain':>9} {'pipeline':>9} {'difference':>10}")
     for row in results["seeds"]:
         for k in keys:

@@ -149,6 +149,9 @@ def main():
     result_file = a.out / "plain.json"
     result = json.loads(result_file.read_text()) if result_file.exists() else {}
     for name in a.stages.split(","):
+        if f"{name}_seconds" in result and (a.out / name).is_dir():
+            print(f"plain {name}: done before ({a.out / name})", flush=True)  # a long run picks up where it stopped
+            continue
         set_seed(a.seed)
         started = time.time()
         result.update(globals()[name](a, a.data, a.out))

@@ -67,3 +67,31 @@ def gold_eval(model, tok, rows: list[dict], cfg: GenerationEvalConfig, desc: str
     samples = [{"task": r["task"], "prompt": r["prompt"][-1]["content"], "response": resp,
                 "gold": demo.gold_score(r["prompt"][-1]["content"], resp)} for r, resp in zip(rows, responses)]
     return sum(s["gold"] for s in samples) / len(samples), samples
+
+
+@torch.no_grad()
+def copy_rate(model, tok, stories: list[str], limit: int = 300) -> dict[str, float]:
+    """In-context copying, per kind of demo story element (person, animal, colour, obj, place): the share of an
+    element's later mentions in a story that the model predicts with probability > 0.5, having read the first.
+    Kinds never mentioned twice are left out (the demo's stories name a colour and a place once)."""
+    kind_of = {w: k for k, words in demo.VOCAB.items() if k != "ending" for w in words}
+    single = {}  # token id -> word, for words that are one token after a space
+    for w in kind_of:
+        ids = tok(" " + w, add_special_tokens=False)["input_ids"]
+        if len(ids) == 1:
+            single[ids[0]] = w
+    was_training = model.training
+    model.eval()
+    hits: dict[str, list[bool]] = {}
+    for story in stories[:limit]:
+        ids = [tok.eos_token_id] + tok(story, add_special_tokens=False)["input_ids"]
+        ids = ids[:model.config.max_position_embeddings]
+        probs = model(torch.tensor([ids], device=model.device)).logits[0].float().softmax(-1)
+        seen = set()
+        for t, token in enumerate(ids[1:], start=1):
+            if token in single:
+                if token in seen:
+                    hits.setdefault(kind_of[single[token]], []).append(probs[t - 1, token].item() > 0.5)
+                seen.add(token)
+    model.train(was_training)
+    return {k: sum(v) / len(v) for k, v in sorted(hits.items())}

@@ -20,6 +20,7 @@ from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data
 
 from pipeline.config import PretrainConfig, register_schemas
 from pipeline.data import extra_tokenizer_text, fingerprint, load_corpus, non_padding_share, pack_into_blocks
+from pipeline.evaluation import copy_rate
 from pipeline.models import build_llama, count_parameters, load_causal_lm, match_tokenizer
 from pipeline.run import StageRun, StepTimer, StopOnNonFiniteLoss, run_stage, save_hf_directory, trainer_arguments
 from pipeline.tokenizer import add_pipeline_tokens, coverage, load_tokenizer, tokenizer_fingerprint, train_bpe
@@ -105,7 +106,7 @@ def pretrain(run: StageRun) -> dict:
     t = cfg.trainer
     tokens = steps_run * t.per_device_train_batch_size * t.gradient_accumulation_steps \
         * run.state.num_processes * cfg.data.block_size
-    return {
+    metrics = {
         "initial_eval_loss": run.entry.metrics["initial_eval_loss"],
         "eval_loss": eval_loss,
         "perplexity": math.exp(min(eval_loss, 50.0)),
@@ -121,6 +122,12 @@ def pretrain(run: StageRun) -> dict:
         "parameters": count_parameters(model),
         "global_step": result.global_step,
     }
+    run.record(**metrics)  # kept should the measurement below fail
+    if cfg.data.kind == "demo":  # what the later stages' tasks need most: repeating what the text named
+        metrics.update({f"copy_rate/{k}": v for k, v in copy_rate(model, tok, eval_docs).items()})
+        run.log("Copy rate (later mentions predicted with p > 0.5): "
+                + ", ".join(f"{k.split('/')[1]} {v:.2f}" for k, v in metrics.items() if k.startswith("copy_rate/")))
+    return metrics
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")

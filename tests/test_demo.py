@@ -1,9 +1,13 @@
 """The demo task: deterministic generation and a gold judge that tells good responses from bad."""
+import math
 import statistics
+from types import SimpleNamespace
 
 import pytest
+import torch
 
 from pipeline import demo
+from pipeline.evaluation import copy_rate
 
 
 def test_generators_are_deterministic_from_the_seed():
@@ -92,3 +96,33 @@ def test_gold_judge_specifics():
 def test_the_judge_scores_prompts_that_only_begin_like_the_demos(prompt):
     """A user's prompt that starts like a demo prompt gets a score, not an exception."""
     assert 0.0 <= demo.gold_score(prompt, "Tom had a red cat.") <= 0.3  # form only: there is nothing to check
+
+
+class _Predictor(torch.nn.Module):
+    """A causal LM stand-in that puts probability `repeat` on the true next token where that token is already in
+    the text, and `first` where it is not."""
+
+    def __init__(self, vocab: int, repeat: float, first: float):
+        super().__init__()
+        self.vocab, self.repeat, self.first = vocab, repeat, first
+        self.config = SimpleNamespace(max_position_embeddings=512)
+        self.device = torch.device("cpu")
+
+    def forward(self, ids):
+        ids = ids[0].tolist()
+        logits = torch.full((1, len(ids), self.vocab), 0.0)
+        for t, nxt in enumerate(ids[1:]):
+            p = self.repeat if nxt in ids[:t + 1] else self.first
+            logits[0, t] = math.log((1 - p) / (self.vocab - 1))
+            logits[0, t, nxt] = math.log(p)
+        return SimpleNamespace(logits=logits)
+
+
+@pytest.mark.parametrize("repeat, first, expect", [(0.9, 0.1, 1.0), (0.1, 0.9, 0.0)])
+def test_copy_rate_counts_later_mentions_predicted_above_one_half(repeat, first, expect):
+    from pipeline.tokenizer import train_bpe
+
+    tok = train_bpe(demo.generate_corpus(2000, 1), 768, 128)  # names are tokens
+    rates = copy_rate(_Predictor(len(tok), repeat, first), tok, demo.generate_corpus(20, 0))
+    # the demo's stories name a colour and a place once; people, animals and objects come back
+    assert rates == {"animal": expect, "obj": expect, "person": expect}

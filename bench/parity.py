@@ -115,7 +115,7 @@ def judge(paths: dict, data: Path) -> dict:
     read = lambda name: [json.loads(line) for line in open(data / f"{name}.jsonl")]
     prompts, pairs = read("heldout_prompts"), read("heldout_pairs")
     # both sides hold out the corpus's first 2% from pretraining
-    stories = [json.loads(line)["text"] for _, line in zip(range(SIZES["corpus"] // 100), open(data / "corpus.jsonl"))]
+    stories = [r["text"] for r in read("corpus")[:300]]
     model = AutoModelForCausalLM.from_pretrained(paths["pretrain"], dtype=torch.float32)
     out = {"pretrain_copy_rate": copy_rate(model, AutoTokenizer.from_pretrained(paths["pretrain"]), stories)["person"]}
     for stage in ("sft", "ppo"):

@@ -122,6 +122,7 @@ def judge(paths: dict, data: Path) -> dict:
         model = AutoModelForCausalLM.from_pretrained(paths[stage], dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(paths[stage])
         out[f"{stage}_gold"], samples = gold_eval(model, tok, prompts, GenerationEvalConfig(), f"Judging {stage}")
+        out[f"{stage}_gold_per_prompt"] = [s["gold"] for s in samples]  # for the difference's interval
         for task in sorted({s["task"] for s in samples}):
             out[f"{stage}_gold_{task}"] = statistics.fmean(s["gold"] for s in samples if s["task"] == task)
     rm = AutoModelForSequenceClassification.from_pretrained(paths["reward"], num_labels=1, dtype=torch.float32)
@@ -169,14 +170,23 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def print_table(results: dict) -> None:
+    """Side by side per seed; a gold difference with its paired bootstrap 95% interval over the held-out prompts."""
+    from pipeline.evaluation import paired_bootstrap
+
     keys = ("pretrain_eval_loss", "pretrain_copy_rate", "sft_gold", "reward_accuracy", "ppo_gold", "pretrain_seconds",
             "sft_seconds", "reward_seconds", "ppo_seconds", "seconds")
-    print(f"\n{'seed':>4} {'figure':22s} {'plain':>9} {'pipeline':>9} {'difference':>10}")
+    print(f"\n{'seed':>4} {'figure':22s} {'plain':>9} {'pipeline':>9} {'difference':>10}  95% interval")
     for row in results["seeds"]:
+        plain, pipeline = row.get("plain", {}), row.get("pipeline", {})
         for k in keys:
-            a, b = row.get("plain", {}).get(k), row.get("pipeline", {}).get(k)
-            if a is not None and b is not None:
-                print(f"{row['seed']:>4} {k:22s} {a:9.3f} {b:9.3f} {b - a:+10.3f}")
+            a, b = plain.get(k), pipeline.get(k)
+            if a is None or b is None:
+                continue
+            interval = ""
+            if f"{k}_per_prompt" in plain and f"{k}_per_prompt" in pipeline:
+                _, low, high = paired_bootstrap(plain[f"{k}_per_prompt"], pipeline[f"{k}_per_prompt"])
+                interval = f"  [{low:+.3f}, {high:+.3f}]"
+            print(f"{row['seed']:>4} {k:22s} {a:9.3f} {b:9.3f} {b - a:+10.3f}{interval}")
 
 
 if __name__ == "__main__":

@@ -69,6 +69,27 @@ def gold_eval(model, tok, rows: list[dict], cfg: GenerationEvalConfig, desc: str
     return sum(s["gold"] for s in samples) / len(samples), samples
 
 
+def paired_bootstrap(before: list[float], after: list[float], level: float = 0.95, resamples: int = 10000,
+                     seed: int = 0) -> tuple[float, float, float]:
+    """Mean of after - before over paired items (the same prompts scored twice) and its percentile bootstrap
+    interval: the items are resampled with replacement, keeping each pair together."""
+    import numpy as np
+
+    if len(before) != len(after) or not before:
+        raise ValueError(f"paired_bootstrap needs two equal, non-empty lists (got {len(before)} and {len(after)})")
+    diff = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
+    means = diff[np.random.default_rng(seed).integers(0, diff.size, (resamples, diff.size))].mean(axis=1)
+    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
+    return float(diff.mean()), float(low), float(high)
+
+
+def gold_gain(before: list[float], after: list[float]) -> dict[str, float]:
+    """gold_gain with its paired bootstrap 95% interval, from per-prompt gold scores of the start and the
+    trained model on the same held-out prompts."""
+    gain, low, high = paired_bootstrap(before, after)
+    return {"gold_gain": gain, "gold_gain_ci_low": low, "gold_gain_ci_high": high}
+
+
 @torch.no_grad()
 def copy_rate(model, tok, stories: list[str], limit: int = 300) -> dict[str, float]:
     """In-context copying, per kind of demo story element (person, animal, colour, obj, place): the share of an

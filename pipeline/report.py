@@ -21,9 +21,9 @@ from pipeline.run import LOG_HISTORY
 # What the summary shows of each stage, in order.
 SUMMARY_METRICS = {
     "pretrain": ("initial_eval_loss", "eval_loss", "perplexity"),
-    "sft": ("eval_loss", "baseline_gold_score", "gold_score"),
+    "sft": ("eval_loss", "baseline_gold_score", "gold_score", "gold_gain"),
     "reward": ("eval_accuracy", "eval_margin", "score_std"),
-    "ppo": ("baseline_reward_mean", "reward_mean", "baseline_gold_score", "gold_score", "kl"),
+    "ppo": ("baseline_reward_mean", "reward_mean", "baseline_gold_score", "gold_score", "gold_gain", "kl"),
 }
 
 
@@ -65,10 +65,17 @@ def summary_table(entries: list[Entry]) -> str:
     rows = [("stage", "entry", "status", "wall time", "key metrics")]
     for e in entries:
         wall = wall_time_s(e)
-        shown = ", ".join(f"{k}={e.metrics[k]:.4g}" for k in SUMMARY_METRICS[e.stage] if k in e.metrics)
+        shown = ", ".join(shown_metric(e.metrics, k) for k in SUMMARY_METRICS[e.stage] if k in e.metrics)
         rows.append((e.stage, e.id, e.status, f"{wall:.0f} s" if wall is not None else "-", shown))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)
+
+
+def shown_metric(metrics: dict, key: str) -> str:
+    """key=value; a gain with its 95% interval where the entry has one."""
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    interval = f" [{low:+.3f}, {high:+.3f}]" if low is not None and high is not None else ""
+    return f"{key}={metrics[key]:+.3f}{interval}" if interval else f"{key}={metrics[key]:.4g}"
 
 
 def read_json(path: Path):

@@ -31,7 +31,7 @@ from pipeline import demo
 from pipeline.config import GenerationEvalConfig, PPOConfig, register_schemas
 from pipeline.data import load_prompt_data
 from pipeline.errors import PipelineError
-from pipeline.evaluation import generate_responses, response_logprobs, sample_responses
+from pipeline.evaluation import generate_responses, gold_gain, response_logprobs, sample_responses
 from pipeline.models import check_model_source, load_for_finetuning, lora_config
 from pipeline.registry import Registry
 from pipeline.run import (StageRun, StepTimer, check_data_coverage, run_stage, save_hf_directory, trainer_arguments,
@@ -219,13 +219,18 @@ def ppo(run: StageRun) -> dict:
         before, base_samples = evaluate_policy(reference, reference, tok, rm, eval_rows, cfg, "Scoring the SFT policy")
         metrics.update(after)
         metrics.update({f"baseline_{k}": v for k, v in before.items()})
+        if judged:
+            metrics.update(gold_gain([s["gold"] for s in base_samples], [s["gold"] for s in samples]))
         write_samples(run, base_samples, samples)
         history = [h for h in trainer.state.log_history if "objective/scores" in h]
         (Path(run.entry.path) / "ppo_history.json").write_text(json.dumps(
             {"log": history, "gold": tracker.history}, indent=1))
+        gain = (f" (gain {metrics['gold_gain']:+.3f}, 95% interval [{metrics['gold_gain_ci_low']:+.3f}, "
+                f"{metrics['gold_gain_ci_high']:+.3f}])") if judged else ""
         run.log(f"reward {metrics['baseline_reward_mean']:.3f} -> {metrics['reward_mean']:.3f}; gold "
-                f"{metrics.get('baseline_gold_score', math.nan):.3f} -> {metrics.get('gold_score', math.nan):.3f}; "
-                f"KL {metrics['kl']:.3f}; length {metrics['response_length']:.1f}; eos rate {metrics['eos_rate']:.2f}")
+                f"{metrics.get('baseline_gold_score', math.nan):.3f} -> {metrics.get('gold_score', math.nan):.3f}"
+                f"{gain}; KL {metrics['kl']:.3f}; length {metrics['response_length']:.1f}; eos rate "
+                f"{metrics['eos_rate']:.2f}")
     return metrics
 
 

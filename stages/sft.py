@@ -26,7 +26,7 @@ from trl.trainer.sft_trainer import FLASH_ATTENTION_VARIANTS
 from pipeline import demo
 from pipeline.config import SFTConfig, register_schemas
 from pipeline.data import fingerprint, load_sft_data
-from pipeline.evaluation import gold_eval
+from pipeline.evaluation import gold_eval, gold_gain
 from pipeline.models import count_parameters, load_for_finetuning, lora_config
 from pipeline.registry import Registry
 from pipeline.run import (StageRun, StopOnNonFiniteLoss, check_data_coverage, run_stage, save_hf_directory,
@@ -97,9 +97,13 @@ def sft(run: StageRun) -> dict:
     # The gold judge scores the demo's held-out prompts (user data has no judge: only the loss is reported).
     judged = cfg.data.kind == "demo"
     prompts = demo.generate_prompts(cfg.eval.num_prompts, cfg.seed + 1, heldout=True) if judged else []
+    baseline_file = Path(run.entry.path) / "baseline_gold.json"  # per prompt, for the gain's interval
     if judged and "baseline_gold_score" not in run.entry.metrics:
         if run.is_main:
-            run.record(baseline_gold_score=gold_eval(model, tok, prompts, cfg.eval, "Scoring the start model")[0])
+            gold, samples = gold_eval(model, tok, prompts, cfg.eval, "Scoring the start model")
+            baseline_file.parent.mkdir(parents=True, exist_ok=True)
+            baseline_file.write_text(json.dumps([s["gold"] for s in samples]))
+            run.record(baseline_gold_score=gold)
         run.entry.metrics.update(_shared_metrics(run, "baseline_gold_score"))
 
     trainer = build_trainer(run, model, tok, train_rows, eval_rows)
@@ -115,13 +119,16 @@ def sft(run: StageRun) -> dict:
     run.record(**metrics)  # kept should the evaluation below fail
     if judged and run.is_main:
         gold, samples = gold_eval(unwrapped(trainer.model), tok, prompts, cfg.eval, "Scoring the fine-tuned model")
-        metrics.update(gold_score=gold, baseline_gold_score=run.entry.metrics["baseline_gold_score"])
+        metrics.update(gold_score=gold, baseline_gold_score=run.entry.metrics["baseline_gold_score"],
+                       **gold_gain(json.loads(baseline_file.read_text()), [s["gold"] for s in samples]))
         with open(Path(run.entry.path) / "eval_samples.jsonl", "w") as f:
             f.writelines(json.dumps(s) + "\n" for s in samples)
         for task in demo.TASKS:
             scores = [s["gold"] for s in samples if s["task"] == task]
             metrics[f"gold_score_{task}"] = sum(scores) / max(len(scores), 1)
-        run.log(f"gold score {metrics['baseline_gold_score']:.3f} (start) -> {gold:.3f} (fine-tuned)")
+        run.log(f"gold score {metrics['baseline_gold_score']:.3f} (start) -> {gold:.3f} (fine-tuned): gain "
+                f"{metrics['gold_gain']:+.3f}, 95% interval [{metrics['gold_gain_ci_low']:+.3f}, "
+                f"{metrics['gold_gain_ci_high']:+.3f}] over {len(prompts)} held-out prompts")
     if run.is_main:
         run.registry.update(run.entry, data_fingerprint=fingerprint([json.dumps(r) for r in train_rows]),
                             tokenizer_fingerprint=tokenizer_fingerprint(tok))

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from pipeline import demo
-from pipeline.evaluation import copy_rate
+from pipeline.evaluation import copy_rate, gold_gain, paired_bootstrap
 
 
 def test_generators_are_deterministic_from_the_seed():
@@ -126,3 +126,27 @@ def test_copy_rate_counts_later_mentions_predicted_above_one_half(repeat, first,
     rates = copy_rate(_Predictor(len(tok), repeat, first), tok, demo.generate_corpus(20, 0))
     # the demo's stories name a colour and a place once; people, animals and objects come back
     assert rates == {"animal": expect, "obj": expect, "person": expect}
+
+
+def test_paired_bootstrap_interval_matches_the_known_answer():
+    # every prompt gains exactly 0.1: no spread, so the interval is the point
+    assert paired_bootstrap([0.5] * 50, [0.6] * 50) == pytest.approx((0.1, 0.1, 0.1))
+    # gains of +1 and -1 in equal numbers: mean 0, standard error 1/sqrt(n), so about +-1.96/sqrt(400)
+    before = [0.0] * 400
+    after = [1.0, -1.0] * 200
+    gain, low, high = paired_bootstrap(before, after)
+    assert gain == 0.0
+    assert low == pytest.approx(-1.96 / 20, rel=0.1) and high == pytest.approx(1.96 / 20, rel=0.1)
+    # pairing: scores that vary a lot between prompts but move together give a tight interval
+    base = [i / 100 for i in range(100)]
+    gain, low, high = paired_bootstrap(base, [b + 0.05 for b in base])
+    assert (gain, low, high) == pytest.approx((0.05, 0.05, 0.05))
+    with pytest.raises(ValueError, match="equal"):
+        paired_bootstrap([1.0], [1.0, 2.0])
+
+
+def test_gold_gain_names_its_interval():
+    # gains 1, 0, 0, 1: a resample of 4 is all zeros (or all ones) with probability 1/16 > 2.5%, so the
+    # interval runs from 0 to 1
+    m = gold_gain([0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 1.0])
+    assert m == pytest.approx({"gold_gain": 0.5, "gold_gain_ci_low": 0.0, "gold_gain_ci_high": 1.0})

@@ -60,6 +60,11 @@ def test_summary_table_and_report(pipeline_home):
     table = outputs[0][outputs[0].index("stage  "):]
     for e in registry_entries(home):
         assert f"{e['stage']}" in table and e["id"] in table
+        if e["stage"] in ("sft", "ppo"):  # the gold gain over the start, with its bootstrap interval
+            m = e["metrics"]
+            assert m["gold_gain"] == pytest.approx(m["gold_score"] - m["baseline_gold_score"])
+            assert m["gold_gain_ci_low"] <= m["gold_gain"] <= m["gold_gain_ci_high"]
+            assert f"gold_gain={m['gold_gain']:+.3f} [{m['gold_gain_ci_low']:+.3f}, " in table
     report = home / "pipelines" / PIPELINE_ID
     page = (report / "report.md").read_text()
     for png in ("loss_pretrain.png", "loss_sft.png", "loss_reward.png", "ppo.png"):

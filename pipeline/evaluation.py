@@ -90,6 +90,14 @@ def gold_gain(before: list[float], after: list[float]) -> dict[str, float]:
     return {"gold_gain": gain, "gold_gain_ci_low": low, "gold_gain_ci_high": high}
 
 
+def with_interval(metrics: dict, key: str) -> str:
+    """A metric as text, with its 95% interval where the metrics hold one (KEY_ci_low, KEY_ci_high)."""
+    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
+    if low is None or high is None:
+        return f"{metrics[key]:.4g}"
+    return f"{metrics[key]:+.3f} [{low:+.3f}, {high:+.3f}]"
+
+
 @torch.no_grad()
 def copy_rate(model, tok, stories: list[str], limit: int = 300) -> dict[str, float]:
     """In-context copying, per kind of demo story element (person, animal, colour, obj, place): the share of an

@@ -15,6 +15,7 @@ from datetime import datetime
 from pathlib import Path
 
 from pipeline.errors import PipelineError
+from pipeline.evaluation import with_interval
 from pipeline.registry import STAGES, Entry, Registry
 from pipeline.run import LOG_HISTORY
 
@@ -65,17 +66,10 @@ def summary_table(entries: list[Entry]) -> str:
     rows = [("stage", "entry", "status", "wall time", "key metrics")]
     for e in entries:
         wall = wall_time_s(e)
-        shown = ", ".join(shown_metric(e.metrics, k) for k in SUMMARY_METRICS[e.stage] if k in e.metrics)
+        shown = ", ".join(f"{k}={with_interval(e.metrics, k)}" for k in SUMMARY_METRICS[e.stage] if k in e.metrics)
         rows.append((e.stage, e.id, e.status, f"{wall:.0f} s" if wall is not None else "-", shown))
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(r[:4], widths)) + "  " + r[4] for r in rows)
-
-
-def shown_metric(metrics: dict, key: str) -> str:
-    """key=value; a gain with its 95% interval where the entry has one."""
-    low, high = metrics.get(f"{key}_ci_low"), metrics.get(f"{key}_ci_high")
-    interval = f" [{low:+.3f}, {high:+.3f}]" if low is not None and high is not None else ""
-    return f"{key}={metrics[key]:+.3f}{interval}" if interval else f"{key}={metrics[key]:.4g}"
 
 
 def read_json(path: Path):

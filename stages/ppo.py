@@ -31,7 +31,8 @@ from pipeline import demo
 from pipeline.config import GenerationEvalConfig, PPOConfig, register_schemas
 from pipeline.data import load_prompt_data
 from pipeline.errors import PipelineError
-from pipeline.evaluation import generate_responses, gold_gain, response_logprobs, sample_responses
+from pipeline.evaluation import (generate_responses, gold_gain, response_logprobs, sample_responses,
+                                 with_interval)
 from pipeline.models import check_model_source, load_for_finetuning, lora_config
 from pipeline.registry import Registry
 from pipeline.run import (StageRun, StepTimer, check_data_coverage, run_stage, save_hf_directory, trainer_arguments,
@@ -225,8 +226,7 @@ def ppo(run: StageRun) -> dict:
         history = [h for h in trainer.state.log_history if "objective/scores" in h]
         (Path(run.entry.path) / "ppo_history.json").write_text(json.dumps(
             {"log": history, "gold": tracker.history}, indent=1))
-        gain = (f" (gain {metrics['gold_gain']:+.3f}, 95% interval [{metrics['gold_gain_ci_low']:+.3f}, "
-                f"{metrics['gold_gain_ci_high']:+.3f}])") if judged else ""
+        gain = f" (gain {with_interval(metrics, 'gold_gain')}, 95%)" if judged else ""
         run.log(f"reward {metrics['baseline_reward_mean']:.3f} -> {metrics['reward_mean']:.3f}; gold "
                 f"{metrics.get('baseline_gold_score', math.nan):.3f} -> {metrics.get('gold_score', math.nan):.3f}"
                 f"{gain}; KL {metrics['kl']:.3f}; length {metrics['response_length']:.1f}; eos rate "

@@ -26,7 +26,7 @@ from trl.trainer.sft_trainer import FLASH_ATTENTION_VARIANTS
 from pipeline import demo
 from pipeline.config import SFTConfig, register_schemas
 from pipeline.data import fingerprint, load_sft_data
-from pipeline.evaluation import gold_eval, gold_gain
+from pipeline.evaluation import gold_eval, gold_gain, with_interval
 from pipeline.models import count_parameters, load_for_finetuning, lora_config
 from pipeline.registry import Registry
 from pipeline.run import (StageRun, StopOnNonFiniteLoss, check_data_coverage, run_stage, save_hf_directory,
@@ -127,8 +127,7 @@ def sft(run: StageRun) -> dict:
             scores = [s["gold"] for s in samples if s["task"] == task]
             metrics[f"gold_score_{task}"] = sum(scores) / max(len(scores), 1)
         run.log(f"gold score {metrics['baseline_gold_score']:.3f} (start) -> {gold:.3f} (fine-tuned): gain "
-                f"{metrics['gold_gain']:+.3f}, 95% interval [{metrics['gold_gain_ci_low']:+.3f}, "
-                f"{metrics['gold_gain_ci_high']:+.3f}] over {len(prompts)} held-out prompts")
+                f"{with_interval(metrics, 'gold_gain')} (95%, {len(prompts)} held-out prompts)")
     if run.is_main:
         run.registry.update(run.entry, data_fingerprint=fingerprint([json.dumps(r) for r in train_rows]),
                             tokenizer_fingerprint=tokenizer_fingerprint(tok))

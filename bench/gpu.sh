@@ -9,8 +9,15 @@
 # (`pip download transformers tokenizers safetensors huggingface_hub -d bench/wheels` on a networked
 # machine). No data or model is downloaded: the model is built from its config, the tokens are random
 # (throughput does not depend on them).
+#   bash bench/gpu.sh demo      # instead: the whole demo pipeline at a GPU's budget (experiment=demo-gpu),
+#                                 in a fresh registry under runs-gpu/, then its report; needs `make install
+#                                 TORCH=torch` done (the packages come from the registries)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+if [[ ${1:-} == demo ]]; then
+  export PIPELINE_HOME=${PIPELINE_HOME:-runs-gpu} WANDB_MODE=${WANDB_MODE:-offline}
+  exec make all ARGS="experiment=demo-gpu"
+fi
 PY=${PYTHON:-python3}
 if ! $PY -c "import transformers" 2>/dev/null; then
   if ls bench/wheels/*.whl >/dev/null 2>&1; then

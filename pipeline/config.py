@@ -12,6 +12,7 @@ from typing import Dict, List, Optional
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
+from pipeline import demo
 from pipeline.errors import PipelineError
 
 DATA_KINDS = ("demo", "file", "hub")
@@ -91,8 +92,16 @@ class DataConfig:
     # Demo sizes: stories in the pretraining corpus; examples (demonstrations, pairs, prompts) for later stages.
     num_documents: int = 20000
     num_examples: int = 8000
-    # Share of demo demonstrations that are flawed (a wrong element or answer, rambling), as real ones are.
+    # Share of demo demonstrations that are flawed, as real ones are (30%: the SFT model learns the flaws, and
+    # RLHF has something to remove).
     flawed_share: float = 0.3
+    # The demo's flaw classes and their weights among flawed demonstrations and rejected responses; a class is
+    # drawn among those the task can have (a sentiment label names no element, so it has no swap; only labels
+    # have wrong_label; only labels and summaries have format). verbosity: the answer padded with talk to the
+    # reader; repetition; no_stop: rambling on, cut off mid-sentence; unhelpful: a hedge or refusal; format: a
+    # label with an explanation, a summary of several sentences; wrong_label; swap: one wrong name, animal,
+    # colour, place or object (the hard class, about 13% of flawed rows). README, "The demo's flaws".
+    flaw_shares: Dict[str, float] = field(default_factory=lambda: dict(demo.FLAW_SHARES))
     # Share of rows held out for evaluation (at least one is always held out).
     eval_fraction: float = 0.02
     # Cap on rows read (null = all); useful for a quick look at a large hub data set.
@@ -118,6 +127,11 @@ class DataConfig:
             raise ValueError(f"data.eval_fraction must be in (0, 0.5), got {self.eval_fraction}")
         if not 0.0 <= self.flawed_share <= 1.0:
             raise ValueError(f"data.flawed_share must be in [0, 1], got {self.flawed_share}")
+        unknown = sorted(set(self.flaw_shares) - set(demo.FLAWS))
+        if unknown:
+            raise ValueError(f"data.flaw_shares: unknown flaw class(es) {unknown}; the classes are {list(demo.FLAWS)}")
+        if any(v < 0 for v in self.flaw_shares.values()) or not any(v > 0 for v in self.flaw_shares.values()):
+            raise ValueError(f"data.flaw_shares must be non-negative with one positive, got {dict(self.flaw_shares)}")
 
 
 @dataclass
@@ -194,8 +208,12 @@ class GenerationEvalConfig:
     # starting model before it.
     num_prompts: int = 200
     max_new_tokens: int = 96
-    # 0 means greedy decoding.
-    temperature: float = 0.0
+    # Sampling temperature (0 means greedy decoding). 1.0, PPO's default, so that the SFT model's figures and the
+    # PPO policy's are measured on responses sampled alike, from the model's own distribution: a model's flaws
+    # show in what it samples (greedy decoding hides a flaw the model says 1 time in 10).
+    temperature: float = 1.0
+    # Seed of the sampling noise, the same for a model and its start.
+    seed: int = 0
     batch_size: int = 50
 
 
@@ -262,11 +280,11 @@ class RewardConfig(StageConfig):
 class PPOSettings:
     """The details that make PPO for RLHF work (see "The N Implementation Details of RLHF with PPO")."""
     # Tokens sampled per response; a response is truncated after its first eos (the stop token).
-    response_length: int = 64
+    response_length: int = 80
     # Sampling temperature, applied the same way when sampling and when computing log-probabilities.
-    temperature: float = 0.7
+    temperature: float = 1.0
     # Per-token KL penalty to the frozen reference (the starting policy) and its estimator (k1 or k3).
-    kl_coef: float = 0.2
+    kl_coef: float = 0.05
     kl_estimator: str = "k1"
     # Subtracted from the score of a response that never emits eos.
     missing_eos_penalty: float = 1.0

@@ -271,8 +271,8 @@ def split_eval(rows: list, eval_fraction: float, cap: int) -> tuple[list, list]:
 def load_sft_data(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows) in TRL's conversational, prompt-completion or language-modeling (text) format."""
     if cfg.kind == "demo":
-        rows = [{"messages": r["messages"]} for r in demo.generate_demonstrations(cfg.num_examples, seed,
-                                                                                  cfg.flawed_share)]
+        rows = [{"messages": r["messages"]} for r in demo.generate_demonstrations(
+            cfg.num_examples, seed, cfg.flawed_share, dict(cfg.flaw_shares))]
     else:
         raw, where = load_rows(cfg, cache_dir)
         rows, _ = clean_rows(raw, sft_row_problem, where, cfg.skip_bad_rows)
@@ -315,12 +315,15 @@ def preference_row_problem(row: dict) -> str | None:
 
 
 def load_preference_data(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(train pairs, eval pairs) in TRL's preference format; the demo's eval pairs use held-out prompts."""
+    """(train pairs, eval pairs) in TRL's preference format; the demo's eval pairs use held-out prompts, and its
+    pairs name the flaw class of the rejected response (`flaw`)."""
     if cfg.kind == "demo":
-        keep = ("prompt", "chosen", "rejected")
-        train = [{k: r[k] for k in keep} for r in demo.generate_preferences(cfg.num_examples, seed)]
+        keep = ("prompt", "chosen", "rejected", "flaw")
+        shares = dict(cfg.flaw_shares)
+        train = [{k: r[k] for k in keep} for r in demo.generate_preferences(cfg.num_examples, seed, flaw_shares=shares)]
         n_eval = min(cfg.max_eval_blocks, max(1, int(cfg.num_examples * cfg.eval_fraction)))
-        held = [{k: r[k] for k in keep} for r in demo.generate_preferences(n_eval, seed + 1, heldout=True)]
+        held = [{k: r[k] for k in keep}
+                for r in demo.generate_preferences(n_eval, seed + 1, heldout=True, flaw_shares=shares)]
         return train, held
     raw, where = load_rows(cfg, cache_dir)
     rows, _ = clean_rows(raw, preference_row_problem, where, cfg.skip_bad_rows)

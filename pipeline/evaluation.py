@@ -17,19 +17,22 @@ def sample_responses(model, tok, prompts: list[list[dict]], cfg: GenerationEvalC
     texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     sampling = {"do_sample": True, "temperature": cfg.temperature, "top_k": 0, "top_p": 1.0} \
         if cfg.temperature > 0 else {"do_sample": False}
-    out = []
-    for i in tqdm(range(0, len(texts), cfg.batch_size), desc=desc, unit="batch"):
-        batch = tok(texts[i:i + cfg.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
-        batch = {k: v.to(model.device) for k, v in batch.items()}
-        ids = model.generate(**batch, max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
-                             pad_token_id=tok.pad_token_id, **sampling)  # (B, prompt + new)
-        width = batch["input_ids"].shape[1]
-        for row, mask, full in zip(batch["input_ids"], batch["attention_mask"], ids):
-            response = full[width:].tolist()
-            if tok.eos_token_id in response:
-                response = response[:response.index(tok.eos_token_id) + 1]
-            response = [t for t in response if t != tok.pad_token_id]
-            out.append((row[mask.bool()].tolist(), response))
+    cuda = [model.device.index or 0] if model.device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):  # seeded sampling, leaving the caller's random state as it was
+        torch.manual_seed(cfg.seed)
+        out = []
+        for i in tqdm(range(0, len(texts), cfg.batch_size), desc=desc, unit="batch"):
+            batch = tok(texts[i:i + cfg.batch_size], return_tensors="pt", padding=True, add_special_tokens=False)
+            batch = {k: v.to(model.device) for k, v in batch.items()}
+            ids = model.generate(**batch, max_new_tokens=cfg.max_new_tokens, eos_token_id=tok.eos_token_id,
+                                 pad_token_id=tok.pad_token_id, **sampling)  # (B, prompt + new)
+            width = batch["input_ids"].shape[1]
+            for row, mask, full in zip(batch["input_ids"], batch["attention_mask"], ids):
+                response = full[width:].tolist()
+                if tok.eos_token_id in response:
+                    response = response[:response.index(tok.eos_token_id) + 1]
+                response = [t for t in response if t != tok.pad_token_id]
+                out.append((row[mask.bool()].tolist(), response))
     tok.padding_side = side
     model.train(was_training)
     return out
@@ -61,12 +64,22 @@ def response_logprobs(model, pairs: list[tuple[list[int], list[int]]], temperatu
     return out
 
 
+def judge(prompt: str, response: str) -> dict:
+    """The demo's verdict on one response: its gold score and the flaw classes its detectors find."""
+    return {"gold": demo.gold_score(prompt, response), "flaws": sorted(demo.detect_flaws(prompt, response))}
+
+
 def gold_eval(model, tok, rows: list[dict], cfg: GenerationEvalConfig, desc: str) -> tuple[float, list[dict]]:
-    """Mean gold score of the model's responses to demo prompts, and the samples."""
+    """Mean gold score of the model's responses to demo prompts, and the samples (with their flaw classes)."""
     responses = generate_responses(model, tok, [r["prompt"] for r in rows], cfg, desc)
     samples = [{"task": r["task"], "prompt": r["prompt"][-1]["content"], "response": resp,
-                "gold": demo.gold_score(r["prompt"][-1]["content"], resp)} for r, resp in zip(rows, responses)]
+                **judge(r["prompt"][-1]["content"], resp)} for r, resp in zip(rows, responses)]
     return sum(s["gold"] for s in samples) / len(samples), samples
+
+
+def flaw_rates(samples: list[dict], prefix: str = "flaw_rate") -> dict[str, float]:
+    """{prefix/<class>: share of the samples showing it} for every demo flaw class."""
+    return {f"{prefix}/{c}": sum(c in s["flaws"] for s in samples) / len(samples) for c in demo.FLAWS}
 
 
 def paired_bootstrap(before: list[float], after: list[float], level: float = 0.95, resamples: int = 10000,
@@ -101,8 +114,8 @@ def with_interval(metrics: dict, key: str) -> str:
 @torch.no_grad()
 def copy_rate(model, tok, stories: list[str], limit: int = 300) -> dict[str, float]:
     """In-context copying, per kind of demo story element (person, animal, colour, obj, place): the share of an
-    element's later mentions in a story that the model predicts with probability > 0.5, having read the first.
-    Kinds never mentioned twice are left out (the demo's stories name a colour and a place once)."""
+    element's later mentions in a document that the model predicts with probability > 0.5, having read the first.
+    Kinds never mentioned twice are left out."""
     kind_of = {w: k for k, words in demo.VOCAB.items() if k != "ending" for w in words}
     single = {}  # token id -> word, for words that are one token after a space
     for w in kind_of:

@@ -125,6 +125,28 @@ def plot_ppo(e: Entry, out: Path) -> Path | None:
     return path
 
 
+def flaw_table(entries: list[Entry]) -> str | None:
+    """The demo's flaw classes: the reward model's held-out accuracy on each, and the rate of each in the
+    sampled held-out responses of the pretrained model, the SFT model and the PPO policy (Markdown)."""
+    latest = {e.stage: e for e in entries}
+    sft, reward, ppo = latest.get("sft"), latest.get("reward"), latest.get("ppo")
+    sources = [(name, e, key) for name, e, key in (
+        ("pretrained", sft, "baseline_flaw_rate"), ("SFT", sft, "flaw_rate"),
+        ("SFT (PPO's sampling)", ppo, "baseline_flaw_rate"), ("PPO", ppo, "flaw_rate")) if e is not None]
+    classes = sorted({k.split("/", 1)[1] for _, e, key in sources for k in e.metrics if k.startswith(key + "/")})
+    if not classes:
+        return None
+    cols = [name for name, e, key in sources if f"{key}/{classes[0]}" in e.metrics]
+    head = ["flaw class"] + (["reward accuracy"] if reward else []) + [f"rate: {c}" for c in cols]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    cell = lambda v: "–" if v is None else f"{v:.3f}"
+    for c in classes:
+        row = [c] + ([cell(reward.metrics.get(f"eval_accuracy/{c}"))] if reward else [])
+        row += [cell(e.metrics.get(f"{key}/{c}")) for name, e, key in sources if name in cols]
+        lines.append("| " + " | ".join(row) + " |")
+    return "\n".join(lines)
+
+
 def write_report(registry: Registry, pipeline_id: str) -> Path:
     """Write the report of a pipeline run; return the path of its Markdown page."""
     import matplotlib
@@ -137,6 +159,11 @@ def write_report(registry: Registry, pipeline_id: str) -> Path:
     (out / "summary.txt").write_text(table + "\n")
 
     lines = [f"# Pipeline run {pipeline_id}", "", f"Registry: `{registry.root}`", "", "```", table, "```", ""]
+    flaws = flaw_table(entries)
+    if flaws:
+        lines += ["## The demo's flaw classes", "", "Reward-model accuracy on held-out pairs whose rejected response "
+                  "has the class, and the share of sampled held-out responses that show it (the demo's detectors).",
+                  "", flaws, ""]
     for e in entries:
         lines += [f"## {e.stage}: `{e.id}` ({e.status})", ""]
         if e.parents:

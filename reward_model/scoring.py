@@ -76,12 +76,16 @@ class RewardModel:
         return self.score_texts([as_text(self.tok, p, r) for p, r in zip(prompts, responses)], batch_size,
                                 add_special_tokens=plain)
 
-    def pair_accuracy(self, pairs: list[dict], batch_size: int = 32) -> tuple[float, float]:
-        """(share of pairs whose chosen response outscores the rejected one, mean margin)."""
+    def pair_margins(self, pairs: list[dict], batch_size: int = 32) -> list[float]:
+        """score(chosen) - score(rejected), per pair."""
         prompts = [p.get("prompt") for p in pairs]
         chosen = self.score(prompts, [p["chosen"] for p in pairs], batch_size)
         rejected = self.score(prompts, [p["rejected"] for p in pairs], batch_size)
-        margins = [c - r for c, r in zip(chosen, rejected)]
+        return [c - r for c, r in zip(chosen, rejected)]
+
+    def pair_accuracy(self, pairs: list[dict], batch_size: int = 32) -> tuple[float, float]:
+        """(share of pairs whose chosen response outscores the rejected one, mean margin)."""
+        margins = self.pair_margins(pairs, batch_size)
         return sum(m > 0 for m in margins) / len(margins), sum(margins) / len(margins)
 
 

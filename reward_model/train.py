@@ -78,15 +78,23 @@ def pearson(xs: list[float], ys: list[float]) -> float:
     return statistics.correlation(xs, ys)
 
 
-def evaluate_pairs(rm: RewardModel, pairs: list[dict]) -> dict:
-    """Accuracy and margin on held-out pairs; mean/std of scores of their responses; score-length correlation."""
-    accuracy, margin = rm.pair_accuracy(pairs)
+def evaluate_pairs(rm: RewardModel, pairs: list[dict], classes: list[str | None] | None = None) -> dict:
+    """Accuracy and margin on held-out pairs, and the accuracy per class of rejected response where the pairs
+    name one (eval_accuracy/<class>); mean/std of scores of their responses; score-length correlation."""
+    margins = rm.pair_margins(pairs)
+    accuracy, margin = sum(m > 0 for m in margins) / len(margins), statistics.fmean(margins)
+    per_class = {}
+    for c, m in zip(classes or [], margins):
+        if c is not None:
+            per_class.setdefault(c, []).append(m > 0)
     prompts = [p.get("prompt") for p in pairs] * 2
     responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
     scores = rm.score(prompts, responses)
     lengths = [len(r if isinstance(r, str) else r[-1]["content"]) for r in responses]
     return {"eval_accuracy": accuracy, "eval_margin": margin, "score_mean": statistics.fmean(scores),
-            "score_std": statistics.pstdev(scores), "length_correlation": pearson(scores, lengths)}
+            "score_std": statistics.pstdev(scores), "length_correlation": pearson(scores, lengths),
+            **{f"eval_accuracy/{c}": statistics.fmean(v) for c, v in sorted(per_class.items())},
+            **{f"eval_pairs/{c}": len(v) for c, v in sorted(per_class.items())}}
 
 
 def reward(run: StageRun) -> dict:
@@ -94,6 +102,9 @@ def reward(run: StageRun) -> dict:
     torch.manual_seed(cfg.seed)
     model, tok = load_backbone(run.inputs["init_from"].path, cfg.model.trust_remote_code)
     train_pairs, eval_pairs = load_preference_data(cfg.data, cfg.seed, run.cache_dir)
+    for p in train_pairs:
+        p.pop("flaw", None)  # the demo's class of each rejected response: for the per-class accuracies only
+    eval_classes = [p.pop("flaw", None) for p in eval_pairs]
     run.log(f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs; model "
             f"{count_parameters(model) / 1e6:.2f}M parameters; peft={cfg.peft.method}")
     check_data_coverage(run, tok, [{"prompt": p.get("prompt"), "chosen": p["chosen"]} for p in train_pairs], model)
@@ -121,12 +132,16 @@ def reward(run: StageRun) -> dict:
                "steady_seconds_per_step": timer.seconds_per_step()}
     run.record(**metrics)  # kept should the evaluation below fail
     if run.is_main:
-        metrics.update(evaluate_pairs(RewardModel(unwrapped(trainer.model), tok), eval_pairs),
+        metrics.update(evaluate_pairs(RewardModel(unwrapped(trainer.model), tok), eval_pairs, eval_classes),
                        initial_eval_accuracy=run.entry.metrics["initial_eval_accuracy"])
         stats = {k: metrics[k] for k in ("score_mean", "score_std")}
         (Path(run.entry.path) / STATS_FILE).write_text(json.dumps(stats, indent=2))
         run.log(f"held-out accuracy {metrics['initial_eval_accuracy']:.3f} -> {metrics['eval_accuracy']:.3f}, "
                 f"margin {metrics['eval_margin']:.3f}, score {metrics['score_mean']:.3f} ± {metrics['score_std']:.3f}")
+        per_class = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval_accuracy/")}
+        if per_class:
+            run.log("held-out accuracy by flaw class of the rejected response: "
+                    + ", ".join(f"{c} {v:.3f} ({metrics[f'eval_pairs/{c}']})" for c, v in per_class.items()))
         if abs(metrics["length_correlation"]) > cfg.length_correlation_warning:
             run.log(f"WARNING: the score correlates with response length (r = {metrics['length_correlation']:.2f}): "
                     f"the reward model may just like {'long' if metrics['length_correlation'] > 0 else 'short'} "

@@ -31,8 +31,8 @@ from pipeline import demo
 from pipeline.config import GenerationEvalConfig, PPOConfig, register_schemas
 from pipeline.data import load_prompt_data
 from pipeline.errors import PipelineError
-from pipeline.evaluation import (generate_responses, gold_gain, response_logprobs, sample_responses,
-                                 with_interval)
+from pipeline.evaluation import (flaw_rates, generate_responses, gold_gain, judge, response_logprobs,
+                                 sample_responses, with_interval)
 from pipeline.models import check_model_source, load_for_finetuning, lora_config
 from pipeline.registry import Registry
 from pipeline.run import (StageRun, StepTimer, check_data_coverage, run_stage, save_hf_directory, trainer_arguments,
@@ -126,24 +126,23 @@ def evaluate_policy(model, ref, tok, rm: RewardModel, rows: list[dict], cfg: PPO
     """Reward, KL to the reference, length and eos rate of sampled responses to held-out prompts, and on the demo's
     own prompts the gold score (the demo's judge means nothing on other data)."""
     gen = GenerationEvalConfig(max_new_tokens=cfg.ppo.response_length, temperature=cfg.ppo.temperature,
-                               batch_size=cfg.eval.batch_size)
+                               seed=cfg.eval.seed, batch_size=cfg.eval.batch_size)  # the same noise for both
     prompts = [r["prompt"] for r in rows]
-    torch.manual_seed(cfg.seed + 7)  # the same sampling noise for the policy and its start
     pairs = sample_responses(model, tok, prompts, gen, desc)
     texts = [tok.decode(r, skip_special_tokens=True).strip() for _, r in pairs]
     scores = rm.score(prompts, [[{"role": "assistant", "content": t}] for t in texts])
     judged = cfg.data.kind == "demo"
-    gold = [demo.gold_score(p[-1]["content"], t) if judged else None for p, t in zip(prompts, texts)]
+    verdicts = [judge(p[-1]["content"], t) if judged else {"gold": None, "flaws": []} for p, t in zip(prompts, texts)]
     lp = response_logprobs(model, pairs, cfg.ppo.temperature, tok.pad_token_id)
     ref_lp = response_logprobs(ref, pairs, cfg.ppo.temperature, tok.pad_token_id)
     mean = lambda xs: sum(xs) / max(len(xs), 1)
     metrics = {"reward_mean": mean(scores), "kl": mean([a - b for a, b in zip(lp, ref_lp)]),
                "response_length": mean([len(r) for _, r in pairs]),
                "eos_rate": mean([bool(r) and r[-1] == tok.eos_token_id for _, r in pairs])}
+    samples = [{"prompt": p[-1]["content"], "response": t, "reward": s, **v}
+               for p, t, s, v in zip(prompts, texts, scores, verdicts)]
     if judged:
-        metrics["gold_score"] = mean(gold)
-    samples = [{"prompt": p[-1]["content"], "response": t, "reward": s, "gold": g}
-               for p, t, s, g in zip(prompts, texts, scores, gold)]
+        metrics.update(gold_score=mean([s["gold"] for s in samples]), **flaw_rates(samples))
     return metrics, samples
 
 
@@ -196,7 +195,8 @@ def ppo(run: StageRun) -> dict:
     judged = cfg.data.kind == "demo"
     p = cfg.ppo
     tracker = GoldTracker(policy, tok, eval_rows[:p.gold_prompts] if judged else [], p.gold_every,
-                          GenerationEvalConfig(max_new_tokens=p.response_length, batch_size=cfg.eval.batch_size))
+                          GenerationEvalConfig(max_new_tokens=p.response_length, temperature=0.0,
+                                               batch_size=cfg.eval.batch_size))
     budget = KLBudget(p.kl_budget)
     timer = StepTimer(skip=1)  # an update is long; the first one's warm-up is what is left out
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=reference, reward_model=scorer,
@@ -231,6 +231,9 @@ def ppo(run: StageRun) -> dict:
                 f"{metrics.get('baseline_gold_score', math.nan):.3f} -> {metrics.get('gold_score', math.nan):.3f}"
                 f"{gain}; KL {metrics['kl']:.3f}; length {metrics['response_length']:.1f}; eos rate "
                 f"{metrics['eos_rate']:.2f}")
+        if judged:
+            run.log("flaw rates SFT -> PPO: " + ", ".join(
+                f"{c} {metrics[f'baseline_flaw_rate/{c}']:.3f} -> {metrics[f'flaw_rate/{c}']:.3f}" for c in demo.FLAWS))
     return metrics
 
 

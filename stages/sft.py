@@ -26,7 +26,7 @@ from trl.trainer.sft_trainer import FLASH_ATTENTION_VARIANTS
 from pipeline import demo
 from pipeline.config import SFTConfig, register_schemas
 from pipeline.data import fingerprint, load_sft_data
-from pipeline.evaluation import gold_eval, gold_gain, with_interval
+from pipeline.evaluation import flaw_rates, gold_eval, gold_gain, with_interval
 from pipeline.models import count_parameters, load_for_finetuning, lora_config
 from pipeline.registry import Registry
 from pipeline.run import (StageRun, StopOnNonFiniteLoss, check_data_coverage, run_stage, save_hf_directory,
@@ -103,7 +103,7 @@ def sft(run: StageRun) -> dict:
             gold, samples = gold_eval(model, tok, prompts, cfg.eval, "Scoring the start model")
             baseline_file.parent.mkdir(parents=True, exist_ok=True)
             baseline_file.write_text(json.dumps([s["gold"] for s in samples]))
-            run.record(baseline_gold_score=gold)
+            run.record(baseline_gold_score=gold, **flaw_rates(samples, "baseline_flaw_rate"))
         run.entry.metrics.update(_shared_metrics(run, "baseline_gold_score"))
 
     trainer = build_trainer(run, model, tok, train_rows, eval_rows)
@@ -119,8 +119,9 @@ def sft(run: StageRun) -> dict:
     run.record(**metrics)  # kept should the evaluation below fail
     if judged and run.is_main:
         gold, samples = gold_eval(unwrapped(trainer.model), tok, prompts, cfg.eval, "Scoring the fine-tuned model")
-        metrics.update(gold_score=gold, baseline_gold_score=run.entry.metrics["baseline_gold_score"],
-                       **gold_gain(json.loads(baseline_file.read_text()), [s["gold"] for s in samples]))
+        metrics.update(gold_score=gold, **gold_gain(json.loads(baseline_file.read_text()), [s["gold"] for s in samples]),
+                       **{k: v for k, v in run.entry.metrics.items() if k.startswith("baseline_")},
+                       **flaw_rates(samples))
         with open(Path(run.entry.path) / "eval_samples.jsonl", "w") as f:
             f.writelines(json.dumps(s) + "\n" for s in samples)
         for task in demo.TASKS:
@@ -128,6 +129,8 @@ def sft(run: StageRun) -> dict:
             metrics[f"gold_score_{task}"] = sum(scores) / max(len(scores), 1)
         run.log(f"gold score {metrics['baseline_gold_score']:.3f} (start) -> {gold:.3f} (fine-tuned): gain "
                 f"{with_interval(metrics, 'gold_gain')} (95%, {len(prompts)} held-out prompts)")
+        run.log("flaw rates of sampled responses: " + ", ".join(
+            f"{c} {metrics[f'flaw_rate/{c}']:.3f}" for c in demo.FLAWS))
     if run.is_main:
         run.registry.update(run.entry, data_fingerprint=fingerprint([json.dumps(r) for r in train_rows]),
                             tokenizer_fingerprint=tokenizer_fingerprint(tok))

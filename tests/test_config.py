@@ -82,3 +82,22 @@ def test_bad_values_are_named(overrides, match):
 def test_unknown_sft_batching_is_named():
     with pytest.raises(PipelineError, match="batching must be auto, padded or padding_free"):
         validate(compose_cfg("sft", ["batching=sometimes"]))
+
+
+@pytest.mark.parametrize("stage", ["pretrain", "sft", "reward", "ppo"])
+def test_demo_gpu_experiment_composes_with_each_stages_own_steps(stage):
+    """experiment=demo-gpu: a larger model, swaps at about half the flawed rows, and per stage its own budget."""
+    gpu, cpu = validate(compose_cfg(stage, ["experiment=demo-gpu"])), validate(compose_cfg(stage, []))
+    assert gpu.model.hidden_size > cpu.model.hidden_size
+    shares = gpu.data.flaw_shares
+    assert shares["swap"] / sum(shares.values()) > 0.3 > cpu.data.flaw_shares["swap"] / sum(cpu.data.flaw_shares.values())
+    assert gpu.trainer.per_device_train_batch_size > cpu.trainer.per_device_train_batch_size
+    if stage in ("reward", "ppo"):
+        assert gpu.trainer.max_steps > cpu.trainer.max_steps
+
+
+def test_an_unknown_flaw_class_is_refused_by_name():
+    with pytest.raises(PipelineError, match="unknown flaw class.*'swapp'"):
+        validate(compose_cfg("reward", ["+data.flaw_shares.swapp=0.2"]))
+    with pytest.raises(PipelineError, match="non-negative"):
+        validate(compose_cfg("sft", ["data.flaw_shares.swap=-1"]))

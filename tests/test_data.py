@@ -10,7 +10,7 @@ from pipeline.data import load_corpus, non_padding_share, pack_into_blocks
 from pipeline.errors import PipelineError
 from pipeline.tokenizer import train_bpe
 
-TEXTS = [f"Story number {i}. " + demo.generate_corpus(1, i)[0] for i in range(60)]
+TEXTS = [f"Story number {i}. " + demo.generate_corpus(1, i)[0].replace("\n\n", "\n") for i in range(60)]  # one paragraph each
 
 
 @pytest.fixture(scope="module")

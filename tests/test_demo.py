@@ -1,5 +1,6 @@
 """The demo task: deterministic generation and a gold judge that tells good responses from bad."""
 import math
+import re
 import statistics
 from types import SimpleNamespace
 
@@ -25,6 +26,17 @@ def test_corpus_is_a_few_megabytes_of_stories():
     assert all(s.endswith(".") for s in corpus[:100])
 
 
+def test_corpus_speaks_the_instruction_language_and_mentions_every_element_again():
+    """Half the documents or more carry a reader's question and answer, a summary or a sentiment statement, and a
+    colour, an object and a place recur in a document as names do: pretraining has them copied."""
+    corpus = demo.generate_corpus(2000, 0)
+    readers = [d for d in corpus if "Question:" in d or "sentence" in d or "Summary" in d or "Summarize" in d]
+    assert len(readers) / len(corpus) > 0.5
+    for words in (demo.COLOURS, demo.OBJECTS, demo.PLACES):
+        again = sum(any(len(re.findall(rf"\b{w}\b", d)) > 1 for w in words) for d in corpus)
+        assert again / len(corpus) > 0.3, words
+
+
 def test_heldout_prompts_never_appear_in_training_data():
     heldout = {r["prompt"][0]["content"] for r in demo.generate_prompts(300, 11, heldout=True)}
     train = {r["messages"][0]["content"] for r in demo.generate_demonstrations(2000, 11)}
@@ -36,9 +48,20 @@ def test_heldout_prompts_never_appear_in_training_data():
 def test_demonstrations_cover_all_tasks_with_the_flawed_share():
     rows = demo.generate_demonstrations(2000, 1, flawed_share=0.3)
     assert {r["task"] for r in rows} == set(demo.TASKS)
-    share = sum(r["flawed"] for r in rows) / len(rows)
+    share = sum(r["flaw"] is not None for r in rows) / len(rows)
     assert 0.25 < share < 0.35
+    assert {r["flaw"] for r in rows} == set(demo.FLAWS) | {None}
     assert all(r["messages"][0]["role"] == "user" and r["messages"][1]["role"] == "assistant" for r in rows)
+
+
+def test_flaw_shares_choose_the_classes_and_swaps_stay_a_small_share():
+    pairs = demo.generate_preferences(3000, 2)
+    swaps = sum(r["flaw"] == "swap" for r in pairs) / len(pairs)
+    assert 0.10 <= swaps <= 0.15
+    only = demo.generate_preferences(200, 2, flaw_shares={"unhelpful": 1.0})
+    assert {r["flaw"] for r in only} == {"unhelpful"}
+    no_swap = demo.generate_demonstrations(400, 2, flawed_share=1.0, flaw_shares={**demo.FLAW_SHARES, "swap": 0.0})
+    assert "swap" not in {r["flaw"] for r in no_swap}
 
 
 def gold(row):
@@ -48,10 +71,39 @@ def gold(row):
 @pytest.mark.parametrize("task", demo.TASKS)
 def test_gold_judge_ranks_correct_above_flawed(task):
     rows = [r for r in demo.generate_demonstrations(2000, 5) if r["task"] == task]
-    good = [gold(r) for r in rows if not r["flawed"]]
-    bad = [gold(r) for r in rows if r["flawed"]]
+    good = [gold(r) for r in rows if not r["flaw"]]
+    bad = [gold(r) for r in rows if r["flaw"]]
     assert min(good) == 1.0
-    assert max(bad) < 0.9 and statistics.mean(bad) < 0.8
+    assert max(bad) <= 0.5 and statistics.mean(bad) < 0.5
+
+
+@pytest.mark.parametrize("flaw", demo.FLAWS)
+def test_every_flaw_class_is_generated_found_by_its_detector_and_costs_gold(flaw):
+    rows = [r for r in demo.generate_preferences(1500, 3, flaw_shares={flaw: 1.0})]
+    assert len(rows) > 100 and {r["flaw"] for r in rows} == {flaw}
+    for r in rows:
+        prompt, good, bad = r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]
+        assert demo.detect_flaws(prompt, good) == set(), (prompt, good)
+        assert flaw in demo.detect_flaws(prompt, bad), (prompt, bad)
+        assert demo.gold_score(prompt, bad) <= demo.gold_score(prompt, good) - 0.5, (prompt, bad)
+
+
+def test_detectors_find_a_models_own_flaws():
+    story = demo.render_story(demo.Story("Ella", "rabbit", "white", "box", "park", "happy", 5))
+    ask = "Write a short story about Ella, a rabbit and a white box."
+    assert demo.detect_flaws(ask, story) == set()
+    assert demo.detect_flaws(ask, story.replace("white box", "yellow kite")) == {"swap"}
+    qa = f"Read the story and answer the question.\n\n{story}\n\nQuestion: What colour was the box?"
+    assert demo.detect_flaws(qa, "The box was white.") == set()
+    assert demo.detect_flaws(qa, "The ball was white.") == {"swap"}  # the wrong object
+    assert demo.detect_flaws(qa, "The box was white. The box was white") == {"repetition", "no_stop"}
+    assert demo.detect_flaws(qa, "I don't know.") == {"unhelpful"}
+    assert demo.detect_flaws(qa, "The box was white. You will like it.") == {"verbosity"}
+    senti = "Is this sentence positive or negative?\n\nElla loved the white box."
+    assert demo.detect_flaws(senti, "Positive, because she loved it.") == {"format"}
+    assert demo.detect_flaws(senti, "Negative.") == {"wrong_label"}
+    summary = f"Summarize the story in one sentence.\n\n{story}"
+    assert demo.detect_flaws(summary, "Ella went to the park. She met a rabbit.") == {"format"}
 
 
 def test_gold_judge_prefers_every_chosen_response():
@@ -74,8 +126,9 @@ def test_gold_judge_specifics():
     story = demo.render_story(demo.Story("Mia", "fox", "red", "kite", "park", "sad", 3))
     qa = f"Read the story and answer the question.\n\n{story}\n\nQuestion: What colour was the kite?"
     assert demo.gold_score(qa, "The kite was red.") == 1.0
-    assert demo.gold_score(qa, "The kite was blue.") == pytest.approx(0.3)
-    assert demo.gold_score(qa, "The kite was red or blue.") == pytest.approx(0.3)
+    assert demo.gold_score(qa, "The kite was blue.") == 0.0
+    assert demo.gold_score(qa, "The kite was red or blue.") == 0.0
+    assert demo.gold_score(qa, "The kite was red. I hope this helps.") == 0.5
     feel = qa.replace("What colour was the kite?", "How did Mia feel at the end?")
     assert demo.gold_score(feel, "Mia felt sad.") == 1.0 and demo.gold_score(feel, "Mia felt happy.") < 0.5
     senti = "Is this sentence positive or negative?\n\nMia loved the red kite."
@@ -95,7 +148,7 @@ def test_gold_judge_specifics():
 ])
 def test_the_judge_scores_prompts_that_only_begin_like_the_demos(prompt):
     """A user's prompt that starts like a demo prompt gets a score, not an exception."""
-    assert 0.0 <= demo.gold_score(prompt, "Tom had a red cat.") <= 0.3  # form only: there is nothing to check
+    assert demo.gold_score(prompt, "Tom had a red cat.") == 0.0  # there is nothing to check it against
 
 
 class _Predictor(torch.nn.Module):
@@ -124,8 +177,8 @@ def test_copy_rate_counts_later_mentions_predicted_above_one_half(repeat, first,
 
     tok = train_bpe(demo.generate_corpus(2000, 1), 768, 128)  # names are tokens
     rates = copy_rate(_Predictor(len(tok), repeat, first), tok, demo.generate_corpus(20, 0))
-    # the demo's stories name a colour and a place once; people, animals and objects come back
-    assert rates == {"animal": expect, "obj": expect, "person": expect}
+    # every kind of element comes back in the demo's documents (in a recap, an answer or a summary)
+    assert rates == {"animal": expect, "colour": expect, "obj": expect, "person": expect, "place": expect}
 
 
 def test_paired_bootstrap_interval_matches_the_known_answer():

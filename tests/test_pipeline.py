@@ -7,6 +7,7 @@ import subprocess
 
 import pytest
 
+from pipeline import demo
 from tests.conftest import ROOT, complete_entries, env_for, make, registry_entries
 from tests.wandb_records import runs_and_artifacts
 
@@ -71,6 +72,25 @@ def test_summary_table_and_report(pipeline_home):
         assert (report / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", png
         assert f"]({png})" in page
     assert "| prompt | SFT | PPO |" in page  # the samples side by side
+
+
+def test_entries_carry_the_per_class_figures_and_the_report_tabulates_them(pipeline_home):
+    """Reward accuracy per flaw class, each class's rate in the SFT and PPO samples and in their starts'."""
+    home, _ = pipeline_home
+    by_stage = {e["stage"]: e["metrics"] for e in registry_entries(home)}
+    reward = {k.split("/")[1]: v for k, v in by_stage["reward"].items() if k.startswith("eval_accuracy/")}
+    assert len(reward) >= 4 and all(0 <= v <= 1 for v in reward.values())
+    for stage in ("sft", "ppo"):
+        m = by_stage[stage]
+        for c in demo.FLAWS:
+            assert 0 <= m[f"flaw_rate/{c}"] <= 1 and 0 <= m[f"baseline_flaw_rate/{c}"] <= 1
+    samples = [json.loads(l) for l in open(next((home / "checkpoints").glob("sft-*")) / "eval_samples.jsonl")]
+    rate = sum("no_stop" in s["flaws"] for s in samples) / len(samples)
+    assert by_stage["sft"]["flaw_rate/no_stop"] == pytest.approx(rate)  # the rate is that of the saved samples
+    page = (home / "pipelines" / PIPELINE_ID / "report.md").read_text()
+    table = page[page.index("## The demo's flaw classes"):]
+    row = next(l for l in table.splitlines() if l.startswith("| swap |"))
+    assert f"{by_stage['reward']['eval_accuracy/swap']:.3f}" in row and f"{by_stage['ppo']['flaw_rate/swap']:.3f}" in row
 
 
 def test_make_report_rebuilds_it_and_names_an_unknown_run(pipeline_home):

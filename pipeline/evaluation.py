@@ -79,7 +79,7 @@ def gold_eval(model, tok, rows: list[dict], cfg: GenerationEvalConfig, desc: str
 
 def flaw_rates(samples: list[dict], prefix: str = "flaw_rate") -> dict[str, float]:
     """{prefix/<class>: share of the samples showing it} for every demo flaw class."""
-    return {f"{prefix}/{c}": sum(c in s["flaws"] for s in samples) / len(samples) for c in demo.FLAWS}
+    return {f"{prefix}/{c}": sum(c in s["flaws"] for s in samples) / max(len(samples), 1) for c in demo.FLAWS}
 
 
 def paired_bootstrap(before: list[float], after: list[float], level: float = 0.95, resamples: int = 10000,

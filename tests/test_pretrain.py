@@ -49,7 +49,7 @@ def test_pretrain_learns_and_registers_a_loadable_checkpoint(home):
 
 
 def test_own_text_in_each_file_format(home, tmp_path):
-    texts = demo.generate_corpus(300, 9)
+    texts = [t.replace("\n\n", "\n") for t in demo.generate_corpus(300, 9)]  # one paragraph each, for the .txt
     files = {"txt": tmp_path / "c.txt", "jsonl": tmp_path / "c.jsonl", "parquet": tmp_path / "c.parquet"}
     files["txt"].write_text("\n\n".join(texts))
     files["jsonl"].write_text("\n".join(json.dumps({"text": t}) for t in texts))

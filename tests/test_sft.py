@@ -1,5 +1,6 @@
 """The fine-tuning stage: assistant-only loss on the collated batch, and the real command end to end."""
 import json
+import random
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -231,9 +232,12 @@ def test_plain_text_batches_carry_the_loss_on_every_token(tmp_path):
 
 
 @pytest.mark.slow
-def test_handoff_warns_when_the_tokenizer_never_saw_the_instructions(home):
-    """A BPE trained on the stories alone splits the instruction words; the SFT handoff check names them."""
-    r = make("pretrain", home, f"{CI} tokenizer.extra_text=[]")
+def test_handoff_warns_when_the_tokenizer_never_saw_the_instructions(home, tmp_path):
+    """A BPE trained on bare stories alone splits the instruction words; the SFT handoff check names them."""
+    rng = random.Random(0)
+    stories = tmp_path / "stories.jsonl"
+    stories.write_text("\n".join(json.dumps({"text": demo.render_story(demo.sample_story(rng))}) for _ in range(2000)))
+    r = make("pretrain", home, f"{CI} data=local data.path={stories} tokenizer.extra_text=[]")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     r = make("sft", home, f"{CI} trainer.max_steps=2 eval.num_prompts=4")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]

@@ -315,14 +315,14 @@ def preference_row_problem(row: dict) -> str | None:
 
 
 def load_preference_data(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[list[dict], list[dict]]:
-    """(train pairs, eval pairs) in TRL's preference format; the demo's eval pairs use held-out prompts, and its
-    pairs name the flaw class of the rejected response (`flaw`)."""
+    """(train pairs, eval pairs) in TRL's preference format; the demo's eval pairs use held-out prompts, and name
+    the flaw class of their rejected response (`flaw`), for per-class accuracies."""
     if cfg.kind == "demo":
-        keep = ("prompt", "chosen", "rejected", "flaw")
+        keep = ("prompt", "chosen", "rejected")
         shares = dict(cfg.flaw_shares)
         train = [{k: r[k] for k in keep} for r in demo.generate_preferences(cfg.num_examples, seed, flaw_shares=shares)]
         n_eval = min(cfg.max_eval_blocks, max(1, int(cfg.num_examples * cfg.eval_fraction)))
-        held = [{k: r[k] for k in keep}
+        held = [{k: r[k] for k in (*keep, "flaw")}
                 for r in demo.generate_preferences(n_eval, seed + 1, heldout=True, flaw_shares=shares)]
         return train, held
     raw, where = load_rows(cfg, cache_dir)

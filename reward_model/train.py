@@ -102,9 +102,7 @@ def reward(run: StageRun) -> dict:
     torch.manual_seed(cfg.seed)
     model, tok = load_backbone(run.inputs["init_from"].path, cfg.model.trust_remote_code)
     train_pairs, eval_pairs = load_preference_data(cfg.data, cfg.seed, run.cache_dir)
-    for p in train_pairs:
-        p.pop("flaw", None)  # the demo's class of each rejected response: for the per-class accuracies only
-    eval_classes = [p.pop("flaw", None) for p in eval_pairs]
+    eval_classes = [p.pop("flaw", None) for p in eval_pairs]  # the demo's: for the per-class accuracies only
     run.log(f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs; model "
             f"{count_parameters(model) / 1e6:.2f}M parameters; peft={cfg.peft.method}")
     check_data_coverage(run, tok, [{"prompt": p.get("prompt"), "chosen": p["chosen"]} for p in train_pairs], model)

@@ -145,7 +145,8 @@ def fingerprint(texts: list[str]) -> str:
 
 
 def pack_into_blocks(texts: list[str], tokenizer, block_size: int, desc: str) -> Dataset:
-    """Tokenize documents, join them with EOS and cut the stream into full blocks: no padding anywhere."""
+    """Tokenize documents, join them with EOS and cut the stream into full blocks: no padding anywhere. Each
+    block carries position ids that restart at every document, so that a document attends only to itself."""
     eos = tokenizer.eos_token_id
 
     def tokenize(batch):
@@ -153,9 +154,13 @@ def pack_into_blocks(texts: list[str], tokenizer, block_size: int, desc: str) ->
 
     def group(batch):
         stream = [t for ids in batch["ids"] for t in ids]
+        # Each document's positions count from 0; from position ids that restart (and no attention mask),
+        # transformers builds a block-diagonal causal mask, as for padding-free fine-tuning.
+        positions = [i for ids in batch["ids"] for i in range(len(ids))]
         n = len(stream) // block_size * block_size  # the last partial block of each batch is dropped
         blocks = [stream[i:i + block_size] for i in range(0, n, block_size)]
-        return {"input_ids": blocks, "labels": [list(b) for b in blocks]}
+        return {"input_ids": blocks, "labels": [list(b) for b in blocks],
+                "position_ids": [positions[i:i + block_size] for i in range(0, n, block_size)]}
 
     ds = Dataset.from_dict({"text": texts})
     ds = ds.map(tokenize, batched=True, remove_columns=["text"], desc=f"Tokenizing {desc}")

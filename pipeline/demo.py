@@ -57,7 +57,9 @@ def article(word: str) -> str:
 
 
 def render_story(s: Story) -> str:
-    """A short story mentioning each of the story's elements exactly once as its kind of word."""
+    """A short story about the story's elements. Each is named again later in the story (the colour and the
+    object together, the place at the end), as natural text mentions its entities again: in pretraining,
+    these later mentions are what teaches the model to copy every kind of element from earlier in the text."""
     rng = random.Random(s.variant)
     kind = "girl" if s.person in GIRLS else "boy"
     p, a, c, o, pl = s.person, s.animal, s.colour, s.obj, s.place
@@ -85,25 +87,25 @@ def render_story(s: Story) -> str:
     ])
     if s.ending == "happy":
         event = rng.choice([
-            f"The {a} wanted to play with the {o}.",
-            f"The {a} helped {p} carry the {o}.",
-            f"{p} showed the {o} to the {a}.",
+            f"The {a} wanted to play with the {c} {o}.",
+            f"The {a} helped {p} carry the {c} {o}.",
+            f"{p} showed the {c} {o} to the {a}.",
         ])
         end = rng.choice([
-            f"They played together all day, and {p} was very happy.",
-            f"{p} smiled and was happy to have a new friend.",
-            f"In the end, {p} and the {a} were happy.",
+            f"They played together at the {pl} all day, and {p} was very happy.",
+            f"{p} smiled and was happy to have a new friend at the {pl}.",
+            f"In the end, {p} and the {a} were happy at the {pl}.",
         ])
     else:
         event = rng.choice([
-            f"The {a} ran away with the {o}.",
-            f"The {a} pushed the {o} into the water.",
-            f"{p} dropped the {o} and the {a} stepped on it.",
+            f"The {a} ran away with the {c} {o}.",
+            f"The {a} pushed the {c} {o} into the water.",
+            f"{p} dropped the {c} {o} and the {a} stepped on it.",
         ])
         end = rng.choice([
-            f"{p} was sad and went home alone.",
-            f"{p} cried, and the day was not fun anymore.",
-            f"In the end, {p} felt sad.",
+            f"{p} was sad and went home from the {pl} alone.",
+            f"{p} cried, and the day at the {pl} was not fun anymore.",
+            f"In the end, {p} felt sad at the {pl}.",
         ])
     return " ".join(x for x in (opening, thing, meet, middle, event, end) if x)
 

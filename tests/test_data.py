@@ -95,3 +95,24 @@ def test_tokenizer_has_what_later_stages_need(tok, tmp_path):
     assert prompt.endswith("<|assistant|>")
     with pytest.raises(Exception, match="unknown role"):
         loaded.apply_chat_template([{"role": "robot", "content": "x"}], tokenize=False)
+
+
+def test_packed_documents_see_only_themselves(tok):
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    blocks = pack_into_blocks(TEXTS, tok, 64, "test")
+    ids, pos = blocks[3]["input_ids"], blocks[3]["position_ids"]
+    for i in range(1, 64):  # positions count from 0 again right after each eos
+        assert pos[i] == (0 if ids[i - 1] == tok.eos_token_id else pos[i - 1] + 1)
+    start = pos.index(0)
+    end = next((i for i in range(start + 1, 64) if pos[i] == 0), 64)
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=2,  # no cache,
+                                         num_attention_heads=2, intermediate_size=64, use_cache=False)).eval()  # as in training
+    with torch.no_grad():
+        packed = model(torch.tensor([ids]), position_ids=torch.tensor([pos])).logits[0, start:end]
+        alone = model(torch.tensor([ids[start:end]])).logits[0]
+        unmasked = model(torch.tensor([ids])).logits[0, start:end]
+    assert torch.allclose(packed, alone, atol=1e-5)  # the document before it in the block is invisible
+    assert not torch.allclose(unmasked, alone, atol=1e-3)

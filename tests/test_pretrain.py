@@ -27,7 +27,7 @@ def test_pretrain_learns_and_registers_a_loadable_checkpoint(home):
     assert m["eval_loss"] < 0.8 * m["initial_eval_loss"]  # it learned
     assert m["perplexity"] == pytest.approx(torch.exp(torch.tensor(m["eval_loss"])).item(), rel=1e-4)
     assert m["packing_efficiency"] >= 0.99
-    assert 0.0 <= m["copy_rate/person"] <= 1.0 and "copy_rate/colour" not in m  # colours are named once
+    assert "copy_rate/person" in m and all(0.0 <= v <= 1.0 for k, v in m.items() if k.startswith("copy_rate/"))
     assert e["parents"] == [] and e["config"]["trainer"]["max_steps"] == 40
     assert e["data_fingerprint"] and e["tokenizer_fingerprint"] and e["versions"]["trl"] == "1.12.0"
     path = e["path"]

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
+DOC_TOKENS = 100       # the bare loop's documents: about the demo corpus's mean length in tokens
 ROUNDS = 2             # stage and bare loop measured alternately, this many times each
 PRETRAIN_STEPS = 60    # per measurement; the first 5 steps of each are warm-up and not counted
 WARMUP_STEPS = 5
@@ -54,9 +55,10 @@ def matmul_peak_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 3.0) -
 
 
 def bare_loop_tokens_per_s(pretrain: dict, steps: int) -> float:
-    """The same model (fresh, from the stage's config), batch, sequence length, optimizer (fused AdamW, as the
-    Trainer's default), schedule, clipping and precision (fp32 weights, bf16 autocast where the stage uses it),
-    in a plain PyTorch loop on ready tensors."""
+    """The same model (fresh, from the stage's config), batch, sequence length, document-masked attention
+    (position ids restarting every DOC_TOKENS), optimizer (fused AdamW, as the Trainer's default), schedule,
+    clipping and precision (fp32 weights, bf16 autocast where the stage uses it), in a plain PyTorch loop on
+    ready tensors."""
     from transformers import AutoConfig, AutoModelForCausalLM, get_cosine_schedule_with_warmup
 
     t, block = pretrain["config"]["trainer"], pretrain["config"]["data"]["block_size"]
@@ -69,11 +71,12 @@ def bare_loop_tokens_per_s(pretrain: dict, steps: int) -> float:
                              {"params": no_decay, "weight_decay": 0.0}], lr=t["learning_rate"], fused=True)
     sched = get_cosine_schedule_with_warmup(opt, t["warmup_steps"], steps)
     batches = torch.randint(0, model.config.vocab_size, (steps, t["per_device_train_batch_size"], block))
+    positions = (torch.arange(block) % DOC_TOKENS).expand(t["per_device_train_batch_size"], block)
     ends = []
     bf16 = precision(pretrain) == "bf16"
     for x in batches:
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=x, labels=x).loss
+            loss = model(input_ids=x, position_ids=positions, labels=x).loss
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), t["max_grad_norm"])
         opt.step()

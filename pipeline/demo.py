@@ -344,9 +344,13 @@ CORPUS_QUESTIONS = (*QA_QUESTIONS, "obj")
 
 
 def _reader_part(rng: random.Random, s: Story) -> str:
-    """One thing a reader says about a story: a recap, a question and its answer, a summary, or a sentence
-    and its sentiment; each repeats some of the story's elements."""
-    kind = rng.choices(["recap", "qa", "summary", "sentiment"], weights=[3, 4, 2, 1])[0]
+    """One thing a reader says about a story: a recap, a line quoted from it, a question and its answer, a
+    summary, or a sentence and its sentiment; each repeats some of the story's elements."""
+    kind = rng.choices(["recap", "quote", "qa", "summary", "sentiment"], weights=[3, 3, 4, 2, 1])[0]
+    if kind == "quote":  # word for word: the plainest case of copying from earlier in the text
+        lines = [x for x in re.findall(r"[^.!?]+[.!?]", render_story(s))
+                 if any(_mentions(x, w) for w in (s.colour, s.obj, s.place, s.animal))]
+        return f"{rng.choice(['The best line:', 'A line to remember:', 'Quote:'])} \"{rng.choice(lines).strip()}\""
     if kind == "recap":
         return rng.choice([
             f"That evening, {s.person} told {s.possessive} family about the {s.animal}, the {s.place} and the "
@@ -369,20 +373,20 @@ def _reader_part(rng: random.Random, s: Story) -> str:
 
 
 def corpus_document(rng: random.Random) -> str:
-    """A story, and in most documents what readers make of it, as natural text around stories does (recaps,
-    questions and answers, one-line summaries, sentiment statements). So pretraining covers the language of
-    the later stages' instructions, and has the model copy every kind of element (person, animal, colour,
-    object, place) from earlier in the text, as the later stages' tasks all ask it to."""
+    """A story and two to four things readers make of it, as natural text around stories does (recaps, quoted
+    lines, questions and answers, one-line summaries, sentiment statements). So pretraining covers the language
+    of the later stages' instructions, and has the model copy every kind of element (person, animal, colour,
+    object, place) from earlier in the text, as the later stages' tasks all ask it to (README, Pretraining:
+    the copy rate per kind)."""
     s = sample_story(rng)
-    parts = [_reader_part(rng, s) for _ in range(rng.choice([0, 1, 2, 2, 3]))]
-    intro = rng.choice(["Read the story and answer the question.", "A reader wrote about the story.", ""]) \
-        if parts else ""
+    parts = [_reader_part(rng, s) for _ in range(rng.choice([2, 3, 3, 4]))]
+    intro = rng.choice(["Read the story and answer the question.", "A reader wrote about the story.", ""])
     return "\n\n".join(x for x in (intro, render_story(s), *parts) if x)
 
 
 def generate_corpus(n: int, seed: int) -> list[str]:
-    """n documents for pretraining: short stories, most with a reader's recap, question and answer, summary or
-    sentiment statement."""
+    """n documents for pretraining: short stories, each with readers' recaps, quoted lines, questions and
+    answers, summaries or sentiment statements."""
     rng = random.Random(seed)
     return [corpus_document(rng) for _ in range(n)]
 

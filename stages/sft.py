@@ -127,8 +127,12 @@ def sft(run: StageRun) -> dict:
         for task in demo.TASKS:
             scores = [s["gold"] for s in samples if s["task"] == task]
             metrics[f"gold_score_{task}"] = sum(scores) / max(len(scores), 1)
+        # The demonstrations' own gold: what a model that imitates them exactly scores when sampled, flaws and all
+        own = [demo.gold_score(r["messages"][0]["content"], r["messages"][-1]["content"]) for r in train_rows]
+        metrics["demonstration_gold_score"] = sum(own) / len(own)
         run.log(f"gold score {metrics['baseline_gold_score']:.3f} (start) -> {gold:.3f} (fine-tuned): gain "
-                f"{with_interval(metrics, 'gold_gain')} (95%, {len(prompts)} held-out prompts)")
+                f"{with_interval(metrics, 'gold_gain')} (95%, {len(prompts)} held-out prompts); the demonstrations "
+                f"themselves score {metrics['demonstration_gold_score']:.3f}")
         run.log("flaw rates of sampled responses: " + ", ".join(
             f"{c} {metrics[f'flaw_rate/{c}']:.3f}" for c in demo.FLAWS))
     if run.is_main:

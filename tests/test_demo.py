@@ -22,8 +22,18 @@ def test_generators_are_deterministic_from_the_seed():
 def test_corpus_is_a_few_megabytes_of_stories():
     corpus = demo.generate_corpus(20000, 0)
     size = sum(map(len, corpus))
-    assert 2e6 < size < 10e6
-    assert all(s.endswith(".") for s in corpus[:100])
+    assert 2e6 < size < 12e6
+    assert all(s.endswith((".", '."')) for s in corpus[:100])
+
+
+def test_corpus_quotes_lines_of_its_own_story_word_for_word():
+    corpus = demo.generate_corpus(300, 3)
+    quotes = [(d, q) for d in corpus for q in re.findall(r'"([^"]+)"', d)]
+    assert len(quotes) > 100
+    for doc, quote in quotes:
+        story = doc.split("\n\n")[1 if doc.split("\n\n")[0].endswith(("question.", "story.")) else 0]
+        assert quote in story and any(re.search(rf"\b{w}\b", quote) for w in demo.COLOURS + demo.OBJECTS
+                                      + demo.PLACES + demo.ANIMALS), (quote, story)
 
 
 def test_corpus_speaks_the_instruction_language_and_mentions_every_element_again():
@@ -52,6 +62,15 @@ def test_demonstrations_cover_all_tasks_with_the_flawed_share():
     assert 0.25 < share < 0.35
     assert {r["flaw"] for r in rows} == set(demo.FLAWS) | {None}
     assert all(r["messages"][0]["role"] == "user" and r["messages"][1]["role"] == "assistant" for r in rows)
+
+
+def test_flawed_demonstrations_bound_what_imitating_them_scores():
+    """Sampled exactly as they are, the default demonstrations (30% flawed) score under 0.80 with the gold
+    judge: the most an SFT model sampled at temperature 1 can expect."""
+    own = lambda share: [demo.gold_score(r["messages"][0]["content"], r["messages"][1]["content"])
+                         for r in demo.generate_demonstrations(2000, 4, flawed_share=share)]
+    assert sum(own(0.0)) / 2000 == 1.0
+    assert 0.75 < sum(own(0.3)) / 2000 < 0.80
 
 
 def test_flaw_shares_choose_the_classes_and_swaps_stay_a_small_share():

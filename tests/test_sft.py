@@ -115,6 +115,7 @@ def test_sft_learns_from_pretrain_latest(home_with_pretrain):
     assert e["parents"] == [pre["id"]]
     assert m["eval_loss"] < m["initial_eval_loss"]
     assert 0 <= m["baseline_gold_score"] <= 1 and 0 <= m["gold_score"] <= 1
+    assert 0.5 < m["demonstration_gold_score"] < 1.0  # the flawed share costs the demonstrations' own gold
     before, after = load_file(Path(pre["path"]) / "model.safetensors"), load_file(Path(e["path"]) / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)  # parameters changed
     tok = AutoTokenizer.from_pretrained(e["path"])

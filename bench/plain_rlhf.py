@@ -71,8 +71,8 @@ def pretrain(a, data, out):
         return Dataset.from_dict({"input_ids": chunks, "labels": chunks})
 
     train, held = blocks(docs[n_eval:]), blocks(docs[:n_eval]).select(range(200))
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, num_hidden_layers=4, num_attention_heads=4,
-                         num_key_value_heads=4, intermediate_size=688, max_position_embeddings=a.block_size,
+    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, num_hidden_layers=4, num_attention_heads=8,
+                         num_key_value_heads=8, intermediate_size=688, max_position_embeddings=a.block_size,
                          tie_word_embeddings=True, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id)
     model = LlamaForCausalLM(config)
     args = TrainingArguments(out / "trainer-pretrain", max_steps=a.pretrain_steps, per_device_train_batch_size=32,

@@ -146,7 +146,8 @@ def test_extra_text_from_a_file_gives_its_words_their_own_tokens(home, tmp_path)
     chats.write_text("\n".join(json.dumps({"messages": [
         {"role": "user", "content": f"Photosynthesize the quokka number {i}."},
         {"role": "assistant", "content": "Photosynthesizing quokkas is impossible."}]}) for i in range(300)))
-    r = make("pretrain", home, f"{CI} tokenizer.extra_text=[{chats}] trainer.max_steps=2")
+    # room beyond the stories' own words, which fill the ci BPE's size on their own
+    r = make("pretrain", home, f"{CI} tokenizer.extra_text=[{chats}] trainer.max_steps=2 tokenizer.vocab_size=1024")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     [e] = complete(home)
     assert f"600 texts of {chats}" in e["metrics"]["tokenizer_trained_on"]

@@ -348,9 +348,9 @@ def _reader_part(rng: random.Random, s: Story) -> str:
     summary, or a sentence and its sentiment; each repeats some of the story's elements."""
     kind = rng.choices(["recap", "quote", "qa", "summary", "sentiment"], weights=[3, 3, 4, 2, 1])[0]
     if kind == "quote":  # word for word: the plainest case of copying from earlier in the text
-        lines = [x for x in re.findall(r"[^.!?]+[.!?]", render_story(s))
-                 if any(_mentions(x, w) for w in (s.colour, s.obj, s.place, s.animal))]
-        return f"{rng.choice(['The best line:', 'A line to remember:', 'Quote:'])} \"{rng.choice(lines).strip()}\""
+        named = (s.colour, s.obj, s.place, s.animal)
+        lines = [x for x in _sentences(render_story(s)) if any(_mentions(x, w) for w in named)]
+        return f"{rng.choice(['The best line:', 'A line to remember:', 'Quote:'])} \"{rng.choice(lines)}\""
     if kind == "recap":
         return rng.choice([
             f"That evening, {s.person} told {s.possessive} family about the {s.animal}, the {s.place} and the "

@@ -37,11 +37,11 @@ def timed(phase: str, fn, rollout_only: bool = False):
 def generation_rates(entry, root: str) -> dict:
     """Tokens per second: TRL's PPO rollout generation against a plain generate, same prompts and batch."""
     from pipeline import demo
-    from pipeline.models import load_for_finetuning
+    from pipeline.models import load_causal_lm
     from pipeline.registry import Registry
 
     policy_path = Registry(root).get(entry.parents[0]).path
-    model, tok = load_for_finetuning(policy_path, False)
+    model, tok = load_causal_lm(policy_path, False)
     model.eval()
     p = entry.config["ppo"]
     batch = p["rollout_batch_size"]

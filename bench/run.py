@@ -111,7 +111,7 @@ def sft_batching(overrides: list[str], init_from: str, out_dir: Path, steps: int
 
     from pipeline.config import register_schemas, validate
     from pipeline.data import load_sft_data
-    from pipeline.models import load_for_finetuning
+    from pipeline.models import load_causal_lm
     from stages.sft import build_trainer, padding_free
 
     register_schemas()
@@ -123,7 +123,7 @@ def sft_batching(overrides: list[str], init_from: str, out_dir: Path, steps: int
             cfg = validate(compose("sft", overrides=[*overrides, *layout, f"trainer.max_steps={steps}",
                                                      "trainer.warmup_steps=0", f"trainer.save_steps={steps}"]))
         rows = rows or load_sft_data(cfg.data, cfg.seed, out_dir)[0]  # the layout does not change the data
-        model, tok = load_for_finetuning(init_from, False)
+        model, tok = load_causal_lm(init_from, False)
         run = SimpleNamespace(cfg=cfg, trainer_dir=out_dir / f"sft-{name}", report_to="none",
                               entry=SimpleNamespace(id=f"bench-sft-{name}"), log=lambda *a: None)
         trainer = build_trainer(run, model, tok, rows[:1600], rows[:16])

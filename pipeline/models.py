@@ -1,14 +1,26 @@
-"""Models: a Llama built from a config preset, or a pretrained model from a hub id or local directory."""
+"""Models and tokenizers, built or loaded: the one place every stage and the scoring API get them from.
+
+    build_llama(cfg, tok, max_positions)   a fresh Llama sized by a model preset (pretraining from scratch)
+    load_tokenizer(name_or_path)           a model's tokenizer, with the pipeline's tokens
+    load_causal_lm(name_or_path)           (model, tokenizer): a hub model to pretrain on, a policy to fine-tune
+    load_reward_model(name_or_path)        (model, tokenizer): a one-output score head on a checkpoint
+
+A name is a local Hugging Face directory or a hub id. Every tokenizer has what the later stages need (pad !=
+eos, chat markers and template: pipeline.tokenizer.add_pipeline_tokens); every model matches it (embeddings
+grown to its vocabulary, its special-token ids). Weights load in fp32, from safetensors only.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig, LlamaForCausalLM
+from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig,
+                          LlamaConfig, LlamaForCausalLM)
 
 from pipeline.config import ModelConfig, PeftConfig
 from pipeline.errors import PipelineError
 from pipeline.registry import looks_like_hub_id
+from pipeline.tokenizer import add_pipeline_tokens
 
 
 def build_llama(cfg: ModelConfig, tokenizer, max_positions: int) -> LlamaForCausalLM:
@@ -28,7 +40,9 @@ def build_llama(cfg: ModelConfig, tokenizer, max_positions: int) -> LlamaForCaus
         eos_token_id=tokenizer.eos_token_id,
         pad_token_id=tokenizer.pad_token_id,
     )
-    return LlamaForCausalLM(config)
+    model = LlamaForCausalLM(config)
+    match_tokenizer(model, tokenizer)
+    return model
 
 
 def check_model_source(name_or_path: str) -> None:
@@ -37,40 +51,58 @@ def check_model_source(name_or_path: str) -> None:
         raise PipelineError(f"model directory not found: {Path(name_or_path).resolve()}")
 
 
-def load_causal_lm(name_or_path: str, trust_remote_code: bool = False, dtype=torch.float32):
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The tokenizer at name_or_path, given the pipeline's tokens where it lacks them."""
     check_model_source(name_or_path)
     try:
-        return AutoModelForCausalLM.from_pretrained(name_or_path, trust_remote_code=trust_remote_code,
-                                                    dtype=dtype, use_safetensors=True)
+        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as e:
-        raise PipelineError(f"cannot load a causal LM from '{name_or_path}': {e}") from None
+        raise PipelineError(f"cannot load a tokenizer from '{name_or_path}': {e}") from None
+    add_pipeline_tokens(tok)
+    return tok
+
+
+def _load(auto_class, what: str, name_or_path: str, trust_remote_code: bool, **kwargs):
+    """(model, tokenizer) from name_or_path, the model matched to the tokenizer."""
+    tok = load_tokenizer(name_or_path, trust_remote_code)
+    try:
+        model = auto_class.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, dtype=torch.float32,
+                                           use_safetensors=True, **kwargs)
+    except Exception as e:
+        raise PipelineError(f"cannot load {what} from '{name_or_path}': {e}") from None
+    match_tokenizer(model, tok)
+    return model, tok
+
+
+def load_causal_lm(name_or_path: str, trust_remote_code: bool = False):
+    """(model, tokenizer) of a causal LM: a hub model to pretrain on, a policy to fine-tune or its reference."""
+    return _load(AutoModelForCausalLM, "a causal LM", name_or_path, trust_remote_code)
+
+
+def load_reward_model(name_or_path: str, trust_remote_code: bool = False):
+    """(model, tokenizer) of a reward model: a one-output score head, read at the last token that is not
+    padding. On a causal-LM checkpoint (reward training's backbone) the head is new; on a reward checkpoint
+    (scoring, PPO's reward and value models) it is the trained one."""
+    return _load(AutoModelForSequenceClassification, "a reward model", name_or_path, trust_remote_code, num_labels=1)
 
 
 def match_tokenizer(model, tokenizer) -> None:
-    """Grow the embeddings to the tokenizer's vocabulary and make the model's special tokens the tokenizer's."""
+    """Grow the embeddings to the tokenizer's vocabulary and make the model's special tokens the tokenizer's;
+    a generative model also gets a generation config with them."""
     if len(tokenizer) > model.get_input_embeddings().num_embeddings:
         model.resize_token_embeddings(len(tokenizer))
     for name in ("bos_token_id", "eos_token_id", "pad_token_id"):
         setattr(model.config, name, getattr(tokenizer, name))
-    model.generation_config = GenerationConfig(
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, max_new_tokens=128, do_sample=True, temperature=0.7,
-    )
+    if model.can_generate():
+        model.generation_config = GenerationConfig(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+            pad_token_id=tokenizer.pad_token_id, max_new_tokens=128, do_sample=True, temperature=0.7,
+        )
 
 
 def count_parameters(model) -> int:
     # Tied embeddings are counted once.
     return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
-
-
-def load_for_finetuning(name_or_path: str, trust_remote_code: bool = False):
-    """(model, tokenizer) from a checkpoint, hub id or directory, with pad != eos and a chat template."""
-    from pipeline.tokenizer import add_pipeline_tokens, load_tokenizer
-    tok = load_tokenizer(name_or_path, trust_remote_code)
-    add_pipeline_tokens(tok)
-    model = load_causal_lm(name_or_path, trust_remote_code)
-    match_tokenizer(model, tok)
-    return model, tok
 
 
 def lora_config(cfg: PeftConfig, task_type: str):

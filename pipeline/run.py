@@ -19,7 +19,7 @@ import torch
 from accelerate.utils import extract_model_from_parallel
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
-from transformers import TrainerCallback, TrainingArguments
+from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from pipeline import tracking
 from pipeline.config import TrainerConfig, validate
@@ -300,6 +300,7 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
         run = StageRun(stage, typed, config, registry, entry, state, resume_from, report_to, resolved)
         for name, r in resolved.items():
             run.log(f"{name}: {r.entry.id if r.entry else r.path} ({r.path})")
+        set_seed(typed.seed)  # python, numpy and torch: a new head's weights, dropout, the data order
         try:
             metrics = body(run)
         except Exception as e:

@@ -9,9 +9,7 @@ import re
 from collections import Counter
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-from transformers import AutoTokenizer, PreTrainedTokenizerFast
-
-from pipeline.errors import PipelineError
+from transformers import PreTrainedTokenizerFast
 
 EOS = "<|endoftext|>"
 PAD = "<|pad|>"
@@ -44,15 +42,6 @@ def train_bpe(texts: list[str], vocab_size: int, model_max_length: int) -> PreTr
                                   model_max_length=model_max_length)
     tok.chat_template = CHAT_TEMPLATE
     return tok
-
-
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    from pipeline.models import check_model_source
-    check_model_source(name_or_path)
-    try:
-        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
-    except Exception as e:
-        raise PipelineError(f"cannot load a tokenizer from '{name_or_path}': {e}") from None
 
 
 def add_pipeline_tokens(tok) -> int:

@@ -18,11 +18,10 @@ import sys
 from pathlib import Path
 
 import torch
-from transformers import AutoModelForSequenceClassification
 
 from pipeline.errors import PipelineError
+from pipeline.models import load_reward_model
 from pipeline.registry import Registry
-from pipeline.tokenizer import load_tokenizer
 
 STATS_FILE = "reward_stats.json"
 
@@ -48,12 +47,7 @@ class RewardModel:
     @classmethod
     def load(cls, ref: str, root: str | None = None, trust_remote_code: bool = False) -> "RewardModel":
         resolved = Registry(root).resolve(ref)
-        tok = load_tokenizer(resolved.path, trust_remote_code)
-        try:
-            model = AutoModelForSequenceClassification.from_pretrained(
-                resolved.path, num_labels=1, trust_remote_code=trust_remote_code, use_safetensors=True)
-        except Exception as e:
-            raise PipelineError(f"cannot load a reward model from '{resolved.path}': {e}") from None
+        model, tok = load_reward_model(resolved.path, trust_remote_code)
         stats_file = Path(resolved.path) / STATS_FILE
         stats = json.loads(stats_file.read_text()) if stats_file.exists() else {}
         return cls(model, tok, stats)

@@ -16,22 +16,19 @@ import statistics
 from pathlib import Path
 
 import hydra
-import torch
 from datasets import Dataset
 from omegaconf import DictConfig
-from transformers import AutoModelForSequenceClassification
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import RewardConfig as TRLRewardConfig
 from trl import RewardTrainer
 
 from pipeline.config import RewardConfig, register_schemas
 from pipeline.data import fingerprint, load_preference_data
-from pipeline.errors import PipelineError
-from pipeline.models import check_model_source, count_parameters, lora_config
+from pipeline.models import count_parameters, load_reward_model, lora_config
 from pipeline.registry import Registry
 from pipeline.run import (StageRun, StepTimer, StopOnNonFiniteLoss, check_data_coverage, run_stage,
                           save_hf_directory, trainer_arguments, unwrapped)
-from pipeline.tokenizer import add_pipeline_tokens, load_tokenizer, tokenizer_fingerprint
+from pipeline.tokenizer import tokenizer_fingerprint
 from reward_model.scoring import STATS_FILE, RewardModel
 
 register_schemas()
@@ -39,22 +36,6 @@ register_schemas()
 
 def inputs(cfg: RewardConfig, registry: Registry) -> dict:
     return {"init_from": registry.resolve(cfg.init_from)}
-
-
-def load_backbone(path: str, trust_remote_code: bool):
-    """The model at path with a fresh one-output score head, and its tokenizer (pad != eos, chat template)."""
-    check_model_source(path)
-    tok = load_tokenizer(path, trust_remote_code)
-    add_pipeline_tokens(tok)
-    try:
-        model = AutoModelForSequenceClassification.from_pretrained(
-            path, num_labels=1, trust_remote_code=trust_remote_code, dtype=torch.float32, use_safetensors=True)
-    except Exception as e:
-        raise PipelineError(f"cannot load '{path}' as a reward-model backbone: {e}") from None
-    if len(tok) > model.get_input_embeddings().num_embeddings:
-        model.resize_token_embeddings(len(tok))
-    model.config.pad_token_id = tok.pad_token_id  # the score is read at the last token that is not padding
-    return model, tok
 
 
 class PairTrainer(RewardTrainer):
@@ -99,8 +80,7 @@ def evaluate_pairs(rm: RewardModel, pairs: list[dict], classes: list[str | None]
 
 def reward(run: StageRun) -> dict:
     cfg: RewardConfig = run.cfg
-    torch.manual_seed(cfg.seed)
-    model, tok = load_backbone(run.inputs["init_from"].path, cfg.model.trust_remote_code)
+    model, tok = load_reward_model(run.inputs["init_from"].path, cfg.model.trust_remote_code)  # a new score head
     train_pairs, eval_pairs = load_preference_data(cfg.data, cfg.seed, run.cache_dir)
     eval_classes = [p.pop("flaw", None) for p in eval_pairs]  # the demo's: for the per-class accuracies only
     run.log(f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs; model "

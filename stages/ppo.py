@@ -19,11 +19,10 @@ import math
 from pathlib import Path
 
 import hydra
-import torch
 from datasets import Dataset
 from omegaconf import DictConfig
 from torch import nn
-from transformers import AutoModelForSequenceClassification, TrainerCallback
+from transformers import TrainerCallback
 from trl.experimental.ppo import PPOConfig as TRLPPOConfig
 from trl.experimental.ppo import PPOTrainer
 
@@ -33,7 +32,7 @@ from pipeline.data import load_prompt_data
 from pipeline.errors import PipelineError
 from pipeline.evaluation import (flaw_rates, generate_responses, gold_gain, judge, response_logprobs,
                                  sample_responses, with_interval)
-from pipeline.models import check_model_source, load_for_finetuning, lora_config
+from pipeline.models import load_causal_lm, load_reward_model, lora_config
 from pipeline.registry import Registry
 from pipeline.run import (StageRun, StepTimer, check_data_coverage, run_stage, save_hf_directory, trainer_arguments,
                           unwrapped)
@@ -75,15 +74,6 @@ class Standardize(nn.Module):
 
     def forward(self, hidden):
         return (self.head(hidden) - self.mean) / self.std
-
-
-def load_reward_model(path: str, tok, trust_remote_code: bool):
-    check_model_source(path)
-    model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, dtype=torch.float32,
-                                                               trust_remote_code=trust_remote_code,
-                                                               use_safetensors=True)
-    model.config.pad_token_id = tok.pad_token_id
-    return model
 
 
 class KLBudget(TrainerCallback):
@@ -164,11 +154,11 @@ def ppo_arguments(run: StageRun) -> TRLPPOConfig:
 
 def ppo(run: StageRun) -> dict:
     cfg: PPOConfig = run.cfg
-    torch.manual_seed(cfg.seed)
     policy_ref, reward_ref = run.inputs["init_from"], run.inputs["reward_model"]
-    policy, tok = load_for_finetuning(policy_ref.path, cfg.model.trust_remote_code)
-    reference, _ = load_for_finetuning(policy_ref.path, cfg.model.trust_remote_code)
-    rm = RewardModel.load(reward_ref.path, trust_remote_code=cfg.model.trust_remote_code)
+    trust = cfg.model.trust_remote_code
+    policy, tok = load_causal_lm(policy_ref.path, trust)
+    reference, _ = load_causal_lm(policy_ref.path, trust)
+    rm = RewardModel(*load_reward_model(reward_ref.path, trust))
     check_handoff(tok, rm.tok, cfg.init_from, cfg.reward_model)
 
     stats_file = Path(reward_ref.path) / STATS_FILE
@@ -176,10 +166,10 @@ def ppo(run: StageRun) -> dict:
         raise PipelineError(f"{reward_ref.path} has no {STATS_FILE} (score_mean/score_std) to normalise rewards "
                             f"with; train it with `make reward`, or set ppo.normalize_rewards=false")
     stats = json.loads(stats_file.read_text()) if stats_file.exists() else {"score_mean": 0.0, "score_std": 1.0}
-    scorer = load_reward_model(reward_ref.path, tok, cfg.model.trust_remote_code)
+    scorer, _ = load_reward_model(reward_ref.path, trust)
     if cfg.ppo.normalize_rewards:
         scorer.score = Standardize(scorer.score, stats["score_mean"], max(stats["score_std"], 1e-6))
-    value = load_reward_model(reward_ref.path, tok, cfg.model.trust_remote_code)  # the value model starts as the RM
+    value, _ = load_reward_model(reward_ref.path, trust)  # the value model starts as the reward model
 
     train_rows, eval_rows = load_prompt_data(cfg.data, cfg.seed, run.cache_dir, cfg.eval.num_prompts)
     check_data_coverage(run, tok, [{"prompt": r["prompt"]} for r in train_rows], policy)

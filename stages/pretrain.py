@@ -16,14 +16,14 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig
-from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator, set_seed
+from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
 from pipeline.config import PretrainConfig, register_schemas
 from pipeline.data import extra_tokenizer_text, fingerprint, load_corpus, non_padding_share, pack_into_blocks
 from pipeline.evaluation import copy_rate
-from pipeline.models import build_llama, count_parameters, load_causal_lm, match_tokenizer
+from pipeline.models import build_llama, count_parameters, load_causal_lm, load_tokenizer
 from pipeline.run import StageRun, StepTimer, StopOnNonFiniteLoss, run_stage, save_hf_directory, trainer_arguments
-from pipeline.tokenizer import add_pipeline_tokens, coverage, load_tokenizer, tokenizer_fingerprint, train_bpe
+from pipeline.tokenizer import coverage, tokenizer_fingerprint, train_bpe
 
 register_schemas()
 
@@ -36,9 +36,7 @@ def prepare_tokenizer(run: StageRun, train_docs: list[str]):
     if run.resume_from and (out / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(out)  # the tokenizer the checkpoint was trained with
     if cfg.model.name_or_path:
-        tok = load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
-        add_pipeline_tokens(tok)
-        return tok
+        return load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
     t = cfg.tokenizer
     sources = t.extra_text if t.extra_text is not None else ["demo"] if cfg.data.kind == "demo" else []
     with run.state.main_process_first():
@@ -60,7 +58,6 @@ def prepare_tokenizer(run: StageRun, train_docs: list[str]):
 
 def pretrain(run: StageRun) -> dict:
     cfg: PretrainConfig = run.cfg
-    set_seed(cfg.seed)
 
     # --- data and tokenizer
     train_docs, eval_docs = load_corpus(cfg.data, cfg.seed, run.cache_dir)
@@ -76,10 +73,9 @@ def pretrain(run: StageRun) -> dict:
 
     # --- model
     if cfg.model.name_or_path:
-        model = load_causal_lm(cfg.model.name_or_path, cfg.model.trust_remote_code)
+        model, _ = load_causal_lm(cfg.model.name_or_path, cfg.model.trust_remote_code)  # matched to the same tokenizer
     else:
         model = build_llama(cfg.model, tok, cfg.data.block_size)
-    match_tokenizer(model, tok)
     run.log(f"Model: {count_parameters(model) / 1e6:.2f}M parameters, vocabulary {len(tok)}")
 
     # --- trainer

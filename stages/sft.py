@@ -16,7 +16,6 @@ import math
 from pathlib import Path
 
 import hydra
-import torch
 from datasets import Dataset
 from omegaconf import DictConfig
 from trl import SFTConfig as TRLSFTConfig
@@ -27,7 +26,7 @@ from pipeline import demo
 from pipeline.config import SFTConfig, register_schemas
 from pipeline.data import fingerprint, load_sft_data
 from pipeline.evaluation import flaw_rates, gold_eval, gold_gain, with_interval
-from pipeline.models import count_parameters, load_for_finetuning, lora_config
+from pipeline.models import count_parameters, load_causal_lm, lora_config
 from pipeline.registry import Registry
 from pipeline.run import (StageRun, StopOnNonFiniteLoss, check_data_coverage, run_stage, save_hf_directory,
                           trainer_arguments, unwrapped)
@@ -86,9 +85,8 @@ def build_trainer(run: StageRun, model, tok, train_rows: list[dict], eval_rows: 
 
 def sft(run: StageRun) -> dict:
     cfg: SFTConfig = run.cfg
-    torch.manual_seed(cfg.seed)
     start = run.inputs["init_from"]
-    model, tok = load_for_finetuning(start.path, cfg.model.trust_remote_code)
+    model, tok = load_causal_lm(start.path, cfg.model.trust_remote_code)
     train_rows, eval_rows = load_sft_data(cfg.data, cfg.seed, run.cache_dir)
     run.log(f"{len(train_rows)} train / {len(eval_rows)} eval demonstrations; model "
             f"{count_parameters(model) / 1e6:.2f}M parameters; peft={cfg.peft.method}")

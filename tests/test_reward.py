@@ -117,10 +117,11 @@ def test_group_by_length_batches_pairs_of_similar_length(fine_tuned, tmp_path):
     from datasets import Dataset
     from trl import RewardConfig as TRLRewardConfig
     from pipeline.run import CHECKPOINTING
-    from reward_model.train import PairTrainer, load_backbone
+    from pipeline.models import load_reward_model
+    from reward_model.train import PairTrainer
 
     [sft] = complete_entries(fine_tuned, "sft")
-    model, tok = load_backbone(sft["path"], trust_remote_code=False)
+    model, tok = load_reward_model(sft["path"])
     pairs = [{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in demo.generate_preferences(64, 5)]
 
     def padding(strategy: str) -> int:

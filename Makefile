@@ -1,6 +1,6 @@
 # One target per stage; each installs first when .venv is missing or out of date.
 #   make pretrain | sft | reward | ppo | rlhf | all     ARGS="hydra overrides"  NPROC=N  ACCELERATE_CONFIG=file
-#   make test | bench | install                          TORCH=torch (a CUDA build) on a GPU machine
+#   make test | test-all | bench | install                TORCH=torch (a CUDA build) on a GPU machine
 
 SHELL := /bin/bash
 PYTHON ?= python3
@@ -29,7 +29,7 @@ else
 endif
 LAUNCH := $(VENV)/bin/accelerate launch --quiet $(LAUNCH_FLAGS) -m
 
-.PHONY: install pretrain sft reward ppo rlhf all report test test-faults bench registry clean-venv
+.PHONY: install pretrain sft reward ppo rlhf all report test test-all test-faults bench registry clean-venv
 
 install: $(STAMP)
 
@@ -56,19 +56,21 @@ rlhf: reward ppo
 # The whole pipeline as one run: every stage under one PIPELINE_ID (its wandb group), each finding its
 # input in the registry, then the summary table and the report (PIPELINE_HOME/pipelines/PIPELINE_ID/).
 all: install
-	@set -e; export PIPELINE_ID=$${PIPELINE_ID:-pipeline-$$(date -u +%Y%m%d-%H%M%S)}; \
-	echo "Pipeline run $$PIPELINE_ID"; \
-	for stage in stages.pretrain stages.sft reward_model.train stages.ppo; do \
-	  echo "$(LAUNCH) $$stage $(ARGS)"; $(LAUNCH) $$stage $(ARGS); \
-	done; \
-	$(PY) -m pipeline.report $$PIPELINE_ID
+	$(PY) -m pipeline.all --launch "$(LAUNCH)" -- $(ARGS)
 
 # The report of a pipeline run: PIPELINE_ID=... (default: the newest).
 report: install
 	$(PY) -m pipeline.report $(PIPELINE_ID)
 
+# The fast lane for the edit-test loop: no test that runs a stage's command (about 2 minutes).
 test: install
-	$(PY) -m pytest -q -m "not faults" $(PYTEST_ARGS)
+	$(PY) -m pytest -q -m "not slow and not faults" $(PYTEST_ARGS)
+
+# The whole suite: every stage run for real at micro sizes, the pipeline end to end (what CI runs). Test files
+# run on TEST_WORKERS processes (pytest-xdist; a file's tests stay together, sharing its fixtures).
+TEST_WORKERS ?= 2
+test-all: install
+	$(PY) -m pytest -q -m "not faults" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Fault injection: stages killed at random points, the registry checked after each (a few minutes).
 test-faults: install

@@ -5,7 +5,7 @@ $PIPELINE_HOME/bench.json; nothing here asserts a time. The stages run through t
 demo model, into a registry of their own ($PIPELINE_HOME/bench/), so the user's registry is untouched.
 
     make bench                      # about 10 minutes on a laptop CPU
-    make bench ARGS="model=tiny"    # extra Hydra overrides for every stage run
+    make bench ARGS="model=tiny"    # extra Hydra overrides, for each stage run that has their keys
 """
 from __future__ import annotations
 
@@ -28,8 +28,10 @@ WARMUP_STEPS = 5
 
 def make_stage(stage: str, root: Path, args: str) -> dict:
     """One stage through `make`, into the bench registry; its registry entry."""
+    from pipeline.config import overrides_for
     from pipeline.registry import Registry
 
+    args = " ".join(overrides_for(stage, args.split()))  # make bench's ARGS go to the stages that have their keys
     cmd = ["make", "--no-print-directory", stage, f"ARGS=registry.root={root} logging=none {args}"]
     started = time.time()
     r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
@@ -105,13 +107,12 @@ def sft_batching(overrides: list[str], init_from: str, out_dir: Path, steps: int
     """SFT batches as the stage builds them, padded and padding-free (and padded in length-grouped order):
     the share of real (non-padding) tokens, and the training rate in real tokens/s, padded and padding-free
     measured alternately on the same model and rows."""
-    from types import SimpleNamespace
-
     from hydra import compose, initialize_config_dir
 
     from pipeline.config import register_schemas, validate
     from pipeline.data import load_sft_data
     from pipeline.models import load_causal_lm
+    from pipeline.run import StageRun
     from stages.sft import build_trainer, padding_free
 
     register_schemas()
@@ -124,8 +125,7 @@ def sft_batching(overrides: list[str], init_from: str, out_dir: Path, steps: int
                                                      "trainer.warmup_steps=0", f"trainer.save_steps={steps}"]))
         rows = rows or load_sft_data(cfg.data, cfg.seed, out_dir)[0]  # the layout does not change the data
         model, tok = load_causal_lm(init_from, False)
-        run = SimpleNamespace(cfg=cfg, trainer_dir=out_dir / f"sft-{name}", report_to="none",
-                              entry=SimpleNamespace(id=f"bench-sft-{name}"), log=lambda *a: None)
+        run = StageRun.standalone("sft", cfg, out_dir / f"sft-{name}")
         trainer = build_trainer(run, model, tok, rows[:1600], rows[:16])
         trainer.args.save_strategy = "no"
         trainer.args.include_num_input_tokens_seen = "non_padding"
@@ -154,7 +154,7 @@ PRECISION_RUNS = {
                                     "trainer.save_steps=20"),
     "pretrain 32x128": ("pretrain", "data.num_documents=4000 data.max_eval_blocks=8 trainer.max_steps=20 "
                                     "trainer.save_steps=20 data.block_size=128 trainer.per_device_train_batch_size=32"),
-    "reward": ("reward", "trainer.max_steps=20 trainer.save_steps=20 data.max_eval_blocks=32"),
+    "reward": ("reward", "trainer.max_steps=20 trainer.save_steps=20 data.max_eval_examples=32"),
     "ppo": ("ppo", "trainer.max_steps=3 eval.num_prompts=16 ppo.gold_every=0"),
 }
 
@@ -185,6 +185,7 @@ def precision_table(root: Path, extra: str, peaks: dict) -> dict:
 
 
 def main() -> None:
+    from pipeline.config import overrides_for
     from pipeline.registry import default_root
 
     home = Path(default_root()).resolve()
@@ -219,7 +220,7 @@ def main() -> None:
 
     print("Fine-tuning and reward model (short runs, the inputs of PPO)", flush=True)
     sft = make_stage("sft", root, f"trainer.max_steps=30 eval.num_prompts=16 {extra}")
-    batching = sft_batching(extra.split(), pretrain["path"], root)
+    batching = sft_batching(overrides_for("sft", extra.split()), pretrain["path"], root)
     out.update(batching)
     # the stage's default layout (batching=auto) on this machine's attention
     out["sft_packing_efficiency"] = batching[f"sft_packing_efficiency_{batching['sft_default_batching']}"]
@@ -228,7 +229,7 @@ def main() -> None:
     print("PPO: time per phase, and generation against a plain generate", flush=True)
     phases_file = root / "ppo_phases.json"
     r = subprocess.run([sys.executable, "-m", "bench.ppo_phases", str(phases_file), f"registry.root={root}",
-                        "logging=none", "trainer.max_steps=4", "eval.num_prompts=16", *extra.split()],
+                        "logging=none", "trainer.max_steps=4", "eval.num_prompts=16", *overrides_for("ppo", extra.split())],
                        cwd=ROOT, capture_output=True, text=True)
     if r.returncode != 0:
         sys.exit(f"bench: the PPO run failed:\n{r.stdout[-2000:]}\n{r.stderr[-2000:]}")

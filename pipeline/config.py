@@ -6,7 +6,8 @@ the cross-field checks in each `__post_init__`, before any model or data set is 
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+import re
+from dataclasses import dataclass, field, fields
 from typing import Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -46,7 +47,7 @@ class ModelConfig:
     # Share the input embedding with the output projection (saves parameters on small models).
     tie_word_embeddings: bool = True
     rope_theta: float = 10000.0
-    # Allow a hub model to run code from its repository. Off unless you trust the repository.
+    # Allow a hub model (name_or_path) to run code from its repository. Off unless you trust the repository.
     trust_remote_code: bool = False
 
     def __post_init__(self):
@@ -111,8 +112,10 @@ class DataConfig:
     skip_bad_rows: bool = False
     # Pretraining: tokens per sequence; documents are packed end to end into blocks of this size.
     block_size: int = 256
-    # Cap on evaluation blocks / examples, to keep evaluation quick.
+    # Pretraining: cap on held-out blocks, to keep evaluation quick.
     max_eval_blocks: int = 200
+    # Fine-tuning: cap on held-out demonstrations and preference pairs.
+    max_eval_examples: int = 200
     # Fine-tuning: longest tokenized example (prompt + response); longer ones are truncated.
     max_length: int = 512
 
@@ -149,7 +152,7 @@ class TrainerConfig:
     per_device_eval_batch_size: int = 32
     gradient_accumulation_steps: int = 1
     # Mixed precision: "auto" (bf16 autocast where the hardware runs it fast: a GPU with bf16, or a CPU with
-    # AMX tiles, where it trains the demo model 1.7x faster than fp32; fp32 elsewhere), "no", "bf16", "fp16".
+    # AMX tiles; fp32 elsewhere, `make bench` measures both), "no", "bf16", "fp16".
     # Weights stay fp32; gold-score, accuracy and reward evaluations run in fp32.
     mixed_precision: str = "auto"
     # Steps between log lines, and between trainer checkpoints (what a rerun resumes from).
@@ -208,13 +211,23 @@ class GenerationEvalConfig:
     # starting model before it.
     num_prompts: int = 200
     max_new_tokens: int = 96
-    # Sampling temperature (0 means greedy decoding). 1.0, PPO's default, so that the SFT model's figures and the
-    # PPO policy's are measured on responses sampled alike, from the model's own distribution: a model's flaws
-    # show in what it samples (greedy decoding hides a flaw the model says 1 time in 10).
+    # Sampling temperature (0 means greedy decoding). 1.0, as ppo.temperature, so that the SFT model's figures and
+    # the PPO policy's are measured on responses sampled alike, from the model's own distribution: a model's flaws
+    # show in what it samples (greedy decoding hides a flaw the model says 1 time in 10; at 0.7, TRL's PPO
+    # default, the demo's SFT model shows a quarter to a third of the flaws it shows at 1.0: little for PPO).
     temperature: float = 1.0
     # Seed of the sampling noise, the same for a model and its start.
     seed: int = 0
     batch_size: int = 50
+
+
+@dataclass
+class SavedGenerationConfig:
+    """The generation settings saved with every checkpoint (its generation_config.json): what `generate` does
+    with the model unless told otherwise. The stages' own evaluations set theirs (eval, ppo.temperature)."""
+    max_new_tokens: int = 128
+    do_sample: bool = True
+    temperature: float = 0.7
 
 
 @dataclass
@@ -225,16 +238,9 @@ class StageConfig:
     # "auto": rerunning the same command resumes its unfinished run; "never": always start afresh.
     resume: str = "auto"
     registry: RegistryConfig = field(default_factory=RegistryConfig)
-    # The architecture of a model built from scratch (pretrain); later stages load `init_from` instead
-    # and read only model.trust_remote_code.
-    model: ModelConfig = field(default_factory=ModelConfig)
-    # The BPE trained for a model from scratch (pretrain only).
-    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
     data: DataConfig = field(default_factory=DataConfig)
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
-    # Evaluation by generation on held-out prompts (stages after pretraining).
-    eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
 
     def __post_init__(self):
         if self.resume not in RESUME_MODES:
@@ -242,16 +248,30 @@ class StageConfig:
 
 
 @dataclass
-class PretrainConfig(StageConfig):
-    pass
+class PretrainStageConfig(StageConfig):
+    # The model: a Llama built from the architecture given here, or a hub model / local directory to go on
+    # pretraining (model.name_or_path).
+    model: ModelConfig = field(default_factory=ModelConfig)
+    # The BPE trained for a model built from scratch.
+    tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
 
 
 @dataclass
-class SFTConfig(StageConfig):
-    # The model to fine-tune: a registry reference (pretrain, pretrain:best, an entry id), a local
-    # Hugging Face directory, or a hub id.
-    init_from: str = "pretrain:latest"
+class FinetuneStageConfig(StageConfig):
+    """What every stage after pretraining shares: the checkpoint it starts from, and how it is trained."""
+    # The model to start from: a registry reference (pretrain, sft:best, an entry id), a local Hugging Face
+    # directory, or a hub id. Each stage sets its own default.
+    init_from: str = MISSING
+    # Allow a hub model to run code from its repository. Off unless you trust the repository.
+    trust_remote_code: bool = False
     peft: PeftConfig = field(default_factory=PeftConfig)
+
+
+@dataclass
+class SFTStageConfig(FinetuneStageConfig):
+    init_from: str = "pretrain:latest"
+    # Evaluation by generation on held-out prompts, for the fine-tuned model and its start.
+    eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
     # How a batch of demonstrations is laid out: "padded" (each padded to the batch's longest),
     # "padding_free" (the batch flattened into one row, kept apart by position ids: no padding tokens, same
     # loss), or "auto": padding-free when the model's attention is a flash-attention kernel, which skips
@@ -266,11 +286,10 @@ class SFTConfig(StageConfig):
 
 
 @dataclass
-class RewardConfig(StageConfig):
-    # The backbone of the reward model: a registry reference (sft, sft:best, an entry id), a local
-    # Hugging Face directory, or a hub id. A one-output sequence-classification head is put on top.
+class RewardStageConfig(FinetuneStageConfig):
+    # The backbone of the reward model (the SFT model by default); a one-output sequence-classification head
+    # is put on top.
     init_from: str = "sft:latest"
-    peft: PeftConfig = field(default_factory=PeftConfig)
     # Warn when |correlation(score, response length)| on held-out responses exceeds this: a reward model
     # that just likes long (or short) answers.
     length_correlation_warning: float = 0.5
@@ -281,7 +300,9 @@ class PPOSettings:
     """The details that make PPO for RLHF work (see "The N Implementation Details of RLHF with PPO")."""
     # Tokens sampled per response; a response is truncated after its first eos (the stop token).
     response_length: int = 80
-    # Sampling temperature, applied the same way when sampling and when computing log-probabilities.
+    # Sampling temperature, applied the same way when sampling and when computing log-probabilities; also the
+    # temperature of the held-out evaluation of the policy and its start. 1.0 rather than TRL's 0.7: see
+    # eval.temperature.
     temperature: float = 1.0
     # Per-token KL penalty to the frozen reference (the starting policy) and its estimator (k1 or k3).
     kl_coef: float = 0.05
@@ -317,22 +338,36 @@ class PPOSettings:
 
 
 @dataclass
-class PPOConfig(StageConfig):
-    # The policy (and frozen reference): a registry reference, a local directory, or a hub id.
+class PPOStageConfig(FinetuneStageConfig):
+    # The policy (and frozen reference).
     init_from: str = "sft:latest"
     # The reward model, which also initialises the value model: same kinds of reference.
     reward_model: str = "reward:latest"
-    peft: PeftConfig = field(default_factory=PeftConfig)
+    # Evaluation by sampling on held-out prompts, for the PPO policy and its start (at ppo.temperature).
+    eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
     ppo: PPOSettings = field(default_factory=PPOSettings)
+
+
+STAGE_SCHEMAS = {"pretrain": PretrainStageConfig, "sft": SFTStageConfig, "reward": RewardStageConfig,
+                 "ppo": PPOStageConfig}
+
+
+def overrides_for(stage: str, overrides: list[str]) -> list[str]:
+    """The overrides, of those meant for several stages (make all's ARGS), that this stage's config has: a
+    pretraining key (model.hidden_size=512, tokenizer.vocab_size=...) goes to pretraining alone. One no stage
+    has is kept, so that the stage names it as unknown."""
+    def top(o: str) -> str:
+        return re.split(r"[.=/@]", o.lstrip("+~"), maxsplit=1)[0]
+    known = lambda schema: {f.name for f in fields(schema)} | {"experiment", "hydra"}
+    anywhere = set().union(*map(known, STAGE_SCHEMAS.values()))
+    return [o for o in overrides if o.startswith("-") or top(o) in known(STAGE_SCHEMAS[stage]) or top(o) not in anywhere]
 
 
 def register_schemas() -> None:
     """Make the schemas known to Hydra: each primary config names its schema in its defaults list."""
     cs = ConfigStore.instance()
-    cs.store(name="pretrain_schema", node=PretrainConfig)
-    cs.store(name="sft_schema", node=SFTConfig)
-    cs.store(name="reward_schema", node=RewardConfig)
-    cs.store(name="ppo_schema", node=PPOConfig)
+    for stage, schema in STAGE_SCHEMAS.items():
+        cs.store(name=f"{stage}_schema", node=schema)
 
 
 def validate(cfg: DictConfig):

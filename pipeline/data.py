@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 from pathlib import Path
 
 import datasets
@@ -18,6 +19,8 @@ from pipeline.errors import PipelineError
 
 FILE_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
 CONF_DATA = Path(__file__).resolve().parent.parent / "conf" / "data"  # the data presets
+
+logger = logging.getLogger(__name__)
 
 
 def check_jsonl(path: Path, required: tuple[str, ...]) -> None:
@@ -244,8 +247,8 @@ def clean_rows(rows: list[dict], problem, where: str, skip: bool) -> tuple[list[
         else:
             bad.append(n)
     if bad:
-        print(f"Skipped {len(bad)} bad row(s) of {where} (data.skip_bad_rows=true): rows {bad[:20]}"
-              + (" ..." if len(bad) > 20 else ""))
+        logger.warning(f"Skipped {len(bad)} bad row(s) of {where} (data.skip_bad_rows=true): rows {bad[:20]}"
+                       + (" ..." if len(bad) > 20 else ""))
     if not good:
         raise PipelineError(f"{where} has no usable rows")
     return good, len(bad)
@@ -287,7 +290,7 @@ def load_sft_data(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[list[dic
             raise PipelineError(f"{where} mixes formats: row {odd} is not in the first row's {keys} format; "
                                 f"use one of {', '.join('/'.join(k) for k in SFT_FORMATS)} throughout")
         rows = [{k: r[k] for k in keys} for r in rows]
-    return split_eval(rows, cfg.eval_fraction, cfg.max_eval_blocks)
+    return split_eval(rows, cfg.eval_fraction, cfg.max_eval_examples)
 
 
 def _response_problem(value, field: str) -> str | None:
@@ -326,7 +329,7 @@ def load_preference_data(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[l
         keep = ("prompt", "chosen", "rejected")
         shares = dict(cfg.flaw_shares)
         train = [{k: r[k] for k in keep} for r in demo.generate_preferences(cfg.num_examples, seed, flaw_shares=shares)]
-        n_eval = min(cfg.max_eval_blocks, max(1, int(cfg.num_examples * cfg.eval_fraction)))
+        n_eval = min(cfg.max_eval_examples, max(1, int(cfg.num_examples * cfg.eval_fraction)))
         held = [{k: r[k] for k in (*keep, "flaw")}
                 for r in demo.generate_preferences(n_eval, seed + 1, heldout=True, flaw_shares=shares)]
         return train, held
@@ -336,7 +339,7 @@ def load_preference_data(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[l
     if any((r.get("prompt") is not None) != explicit for r in rows):
         raise PipelineError(f"{where} mixes pairs with and without 'prompt'; use one format")
     keys = ("prompt", "chosen", "rejected") if explicit else ("chosen", "rejected")
-    return split_eval([{k: r[k] for k in keys} for r in rows], cfg.eval_fraction, cfg.max_eval_blocks)
+    return split_eval([{k: r[k] for k in keys} for r in rows], cfg.eval_fraction, cfg.max_eval_examples)
 
 
 def prompt_row_problem(row: dict) -> str | None:

@@ -11,13 +11,14 @@ grown to its vocabulary, its special-token ids). Weights load in fp32, from safe
 """
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 
 import torch
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig,
                           LlamaConfig, LlamaForCausalLM)
 
-from pipeline.config import ModelConfig, PeftConfig
+from pipeline.config import ModelConfig, PeftConfig, SavedGenerationConfig
 from pipeline.errors import PipelineError
 from pipeline.registry import looks_like_hub_id
 from pipeline.tokenizer import add_pipeline_tokens
@@ -96,8 +97,7 @@ def match_tokenizer(model, tokenizer) -> None:
     if model.can_generate():
         model.generation_config = GenerationConfig(
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-            pad_token_id=tokenizer.pad_token_id, max_new_tokens=128, do_sample=True, temperature=0.7,
-        )
+            pad_token_id=tokenizer.pad_token_id, **asdict(SavedGenerationConfig()))
 
 
 def count_parameters(model) -> int:

@@ -4,28 +4,31 @@ the main process and tell the other ranks, mark the entry complete or failed, an
 from __future__ import annotations
 
 import json
+import logging
 import math
 import resource
 import shutil
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Optional
 
 import psutil
 import torch
+from accelerate import PartialState
+from accelerate.logging import get_logger
 from accelerate.utils import extract_model_from_parallel
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 from transformers import TrainerCallback, TrainingArguments, set_seed
 
 from pipeline import tracking
-from pipeline.config import TrainerConfig, validate
+from pipeline.config import StageConfig, TrainerConfig, validate
 from pipeline.data import row_texts
 from pipeline.errors import PipelineError
-from pipeline.registry import Entry, Registry, config_hash
+from pipeline.registry import Entry, Registry, Resolved, config_hash
 from pipeline.tokenizer import coverage
 
 # The handoff check warns when a stage's data is split this many times as finely as the pretraining corpus,
@@ -44,15 +47,24 @@ CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in Trai
 class StageRun:
     """Everything a stage's body needs: its typed config, registry entry, and distributed state."""
     stage: str
-    cfg: object  # the stage's typed config dataclass
+    cfg: StageConfig  # the stage's own config class (PretrainConfig, SFTConfig, ...)
     config: dict  # the resolved config as plain data (saved with the checkpoint)
     registry: Registry
     entry: Entry
-    state: object  # accelerate.PartialState
-    resume_from: Optional[str]  # trainer checkpoint to resume from
-    report_to: str
-    inputs: dict  # name -> Resolved: the checkpoints this stage starts from
+    state: PartialState
+    resume_from: Optional[str] = None  # trainer checkpoint to resume from
+    report_to: str = "none"
+    inputs: dict[str, Resolved] = field(default_factory=dict)  # the checkpoints this stage starts from
     saved: bool = False  # the trained model is in the entry's directory (set by save_hf_directory)
+
+    @classmethod
+    def standalone(cls, stage: str, cfg: StageConfig, root: str | Path) -> "StageRun":
+        """A run outside run_stage, for building a stage's pieces in tests and benchmarks: a running entry in a
+        registry of its own at root, this process's state, no tracking."""
+        registry = Registry(root)
+        config = asdict(cfg)
+        state = PartialState(cpu=not torch.cuda.is_available())
+        return cls(stage, cfg, config, registry, registry.create(stage, config), state)
 
     @property
     def is_main(self) -> bool:
@@ -66,9 +78,13 @@ class StageRun:
     def cache_dir(self) -> Path:
         return self.registry.root / "cache"
 
-    def log(self, msg: str) -> None:
-        if self.is_main:
-            print(f"[{self.stage}] {msg}", flush=True)
+    def log(self, msg: str, level: int = logging.INFO) -> None:
+        """A line of the stage's output, from the main process only, through its logger: on the console and in
+        Hydra's log of the run (<registry root>/hydra/<stage>/<time>/<stage>.log)."""
+        get_logger(self.stage).log(level, msg)  # main_process_only by default
+
+    def warn(self, msg: str) -> None:
+        self.log(f"WARNING: {msg}", logging.WARNING)
 
     def record(self, **metrics) -> None:
         """Store metrics in the entry while the run goes on (e.g. the loss before training, kept for a resume)."""
@@ -151,8 +167,8 @@ def _open_entry(stage: str, cfg, config: dict, parents: list[str], registry: Reg
                 return registry.claim(old), ckpt
             why = "this stage's trainer cannot resume" if not resumable else "it left no trainer checkpoint"
             registry.fail(old, f"abandoned: {why}; a rerun started afresh")
-            print(f"[{stage}] The unfinished attempt {old.id} cannot be resumed ({why}): it is marked failed "
-                  f"and the stage restarts cleanly", flush=True)
+            get_logger(stage).info(f"The unfinished attempt {old.id} cannot be resumed ({why}): it is marked "
+                                   f"failed and the stage restarts cleanly")
     return registry.create(stage, config, parents, cfg_hash=h), None
 
 
@@ -241,13 +257,13 @@ def check_data_coverage(run: StageRun, tok, rows: list[dict], model, sample: int
         run.log(f"Tokenizer coverage: {cov['tokens_per_word']:.2f} tokens per word in this data, "
                 f"{pm['corpus_tokens_per_word']:.2f} in the pretraining corpus ({pretrained.id})")
         if ratio > COVERAGE_WARNING:
-            run.log(f"WARNING: the tokenizer splits this stage's words {ratio:.1f}x as finely as the pretraining "
+            run.warn(f"the tokenizer splits this stage's words {ratio:.1f}x as finely as the pretraining "
                     f"corpus's; frequent words split most: {split}. The model meets these words as pieces it was "
                     f"never pretrained on and must learn to read them here. Retrain the tokenizer with this text "
                     f"(make pretrain ARGS=\"tokenizer.extra_text=[PATH]\"), or start from a model that knows the "
                     f"language (init_from=HUB_ID)")
     if long_share > LONG_WARNING:
-        run.log(f"WARNING: {long_share:.0%} of this stage's examples are longer than the {context} tokens the model "
+        run.warn(f"{long_share:.0%} of this stage's examples are longer than the {context} tokens the model "
                 f"was pretrained on: their later positions were never trained. Pretrain with a longer "
                 f"data.block_size, or shorten the examples (data.max_length)")
     run.record(**figures)
@@ -267,13 +283,13 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
     `inputs` resolves the checkpoints the stage starts from (before any entry is created, so a missing
     upstream checkpoint stops the run at once); their registry entries become the new entry's parents.
     """
-    from accelerate import PartialState
     from accelerate.utils import broadcast_object_list
 
     entry = None
     registry = None
     state = None
     run = None
+    log = get_logger(stage)  # speaks on the main process only; used once the state exists
     try:
         typed = validate(cfg)
         config = OmegaConf.to_container(cfg, resolve=True)
@@ -292,9 +308,9 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
             procs = (f"{state.num_processes} process{'es' if state.num_processes > 1 else ''}, {state.device.type}, "
                      f"{'fp32' if precision == 'no' else precision + ' autocast'}")
             if resume_from:
-                print(f"[{stage}] Resuming {entry.id} from {resume_from} ({procs})", flush=True)
+                log.info(f"Resuming {entry.id} from {resume_from} ({procs})")
             else:
-                print(f"[{stage}] New entry {entry.id} at {entry.path} ({procs})", flush=True)
+                log.info(f"New entry {entry.id} at {entry.path} ({procs})")
         report_to = tracking.start_run(typed.logging, stage, entry, config, registry.root) \
             if state.is_main_process else "none"
         run = StageRun(stage, typed, config, registry, entry, state, resume_from, report_to, resolved)
@@ -315,12 +331,12 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
                 try:
                     tracking.log_checkpoint(entry)
                 except Exception as e:  # the checkpoint is complete whether or not wandb takes a copy
-                    print(f"[{stage}] WARNING: the checkpoint was not logged to wandb: {e}", flush=True)
+                    log.warning(f"WARNING: the checkpoint was not logged to wandb: {e}")
             if not typed.registry.keep_trainer_checkpoints:
                 shutil.rmtree(run.trainer_dir, ignore_errors=True)
-            print(f"[{stage}] Complete: {entry.id}", flush=True)
-            print(f"[{stage}] Metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
-                                                   for k, v in sorted(entry.metrics.items())), flush=True)
+            log.info(f"Complete: {entry.id}")
+            log.info("Metrics: " + ", ".join(f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}"
+                                             for k, v in sorted(entry.metrics.items())))
         tracking.finish_run()
         return metrics
     except PipelineError as e:
@@ -340,7 +356,7 @@ def _kept_after_failure(run: StageRun, error: Exception) -> dict:
     note = f"the model was saved, but what runs after it failed, so some metrics are missing: {what}"
     if run.is_main:
         traceback.print_exc()
-        print(f"[{run.stage}] WARNING: {note}", file=sys.stderr, flush=True)
+        run.warn(note)
         run.entry = run.registry.update(run.entry, note=note[:2000])
     return dict(run.entry.metrics)
 

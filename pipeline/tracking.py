@@ -4,10 +4,13 @@ Online when the user is logged in (WANDB_API_KEY), otherwise offline files under
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 
 from pipeline.config import LoggingConfig
+
+logger = logging.getLogger(__name__)
 
 
 def wandb_dirs(root: Path) -> None:
@@ -32,7 +35,7 @@ def start_run(cfg: LoggingConfig, stage: str, entry, config: dict, root: Path) -
                      name=entry.id, id=entry.id, resume="allow", dir=os.environ["WANDB_DIR"],
                      config={**config, "registry": {"entry_id": entry.id, "parents": entry.parents}})
     if run.settings.mode == "offline" or os.environ.get("WANDB_MODE") == "offline":
-        print(f"wandb is offline (no WANDB_API_KEY); sync later with: wandb sync {run.dir.rsplit('/files', 1)[0]}")
+        logger.info(f"wandb is offline (no WANDB_API_KEY); sync later with: wandb sync {run.dir.rsplit('/files', 1)[0]}")
     return "wandb"
 
 
@@ -58,7 +61,7 @@ def log_checkpoint(entry) -> None:
             try:
                 wandb.run.use_artifact(f"{parent}:latest")
             except Exception as e:  # the parent's run did not mirror its checkpoint
-                print(f"wandb: no artifact for parent {parent} ({e}); lineage starts here", flush=True)
+                logger.info(f"no artifact for parent {parent} ({e}); lineage starts here")
     wandb.run.log_artifact(artifact, aliases=["latest", entry.stage])
 
 

@@ -19,10 +19,9 @@ import hydra
 from datasets import Dataset
 from omegaconf import DictConfig
 from transformers.trainer_pt_utils import LengthGroupedSampler
-from trl import RewardConfig as TRLRewardConfig
-from trl import RewardTrainer
+from trl import RewardConfig, RewardTrainer
 
-from pipeline.config import RewardConfig, register_schemas
+from pipeline.config import RewardStageConfig, register_schemas
 from pipeline.data import fingerprint, load_preference_data
 from pipeline.models import count_parameters, load_reward_model, lora_config
 from pipeline.registry import Registry
@@ -34,7 +33,7 @@ from reward_model.scoring import STATS_FILE, RewardModel
 register_schemas()
 
 
-def inputs(cfg: RewardConfig, registry: Registry) -> dict:
+def inputs(cfg: RewardStageConfig, registry: Registry) -> dict:
     return {"init_from": registry.resolve(cfg.init_from)}
 
 
@@ -79,8 +78,8 @@ def evaluate_pairs(rm: RewardModel, pairs: list[dict], classes: list[str | None]
 
 
 def reward(run: StageRun) -> dict:
-    cfg: RewardConfig = run.cfg
-    model, tok = load_reward_model(run.inputs["init_from"].path, cfg.model.trust_remote_code)  # a new score head
+    cfg: RewardStageConfig = run.cfg
+    model, tok = load_reward_model(run.inputs["init_from"].path, cfg.trust_remote_code)  # a new score head
     train_pairs, eval_pairs = load_preference_data(cfg.data, cfg.seed, run.cache_dir)
     eval_classes = [p.pop("flaw", None) for p in eval_pairs]  # the demo's: for the per-class accuracies only
     run.log(f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs; model "
@@ -89,7 +88,7 @@ def reward(run: StageRun) -> dict:
     if run.is_main and "initial_eval_accuracy" not in run.entry.metrics:
         run.record(initial_eval_accuracy=RewardModel(model, tok).pair_accuracy(eval_pairs)[0])
 
-    args = TRLRewardConfig(**trainer_arguments(cfg.trainer, run), max_length=cfg.data.max_length,
+    args = RewardConfig(**trainer_arguments(cfg.trainer, run), max_length=cfg.data.max_length,
                            disable_dropout=True, dataset_num_proc=None)
     timer = StepTimer()
     trainer = PairTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
@@ -121,7 +120,7 @@ def reward(run: StageRun) -> dict:
             run.log("held-out accuracy by flaw class of the rejected response: "
                     + ", ".join(f"{c} {v:.3f} ({metrics[f'eval_pairs/{c}']})" for c, v in per_class.items()))
         if abs(metrics["length_correlation"]) > cfg.length_correlation_warning:
-            run.log(f"WARNING: the score correlates with response length (r = {metrics['length_correlation']:.2f}): "
+            run.warn(f"the score correlates with response length (r = {metrics['length_correlation']:.2f}): "
                     f"the reward model may just like {'long' if metrics['length_correlation'] > 0 else 'short'} "
                     f"answers, and PPO will exploit it")
         run.registry.update(run.entry, data_fingerprint=fingerprint([json.dumps(p) for p in train_pairs]),

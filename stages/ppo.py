@@ -23,11 +23,11 @@ from datasets import Dataset
 from omegaconf import DictConfig
 from torch import nn
 from transformers import TrainerCallback
-from trl.experimental.ppo import PPOConfig as TRLPPOConfig
+from trl.experimental.ppo import PPOConfig
 from trl.experimental.ppo import PPOTrainer
 
 from pipeline import demo
-from pipeline.config import GenerationEvalConfig, PPOConfig, register_schemas
+from pipeline.config import GenerationEvalConfig, PPOStageConfig, register_schemas
 from pipeline.data import load_prompt_data
 from pipeline.errors import PipelineError
 from pipeline.evaluation import (flaw_rates, generate_responses, gold_gain, judge, response_logprobs,
@@ -42,7 +42,7 @@ from reward_model.scoring import STATS_FILE, RewardModel
 register_schemas()
 
 
-def inputs(cfg: PPOConfig, registry: Registry) -> dict:
+def inputs(cfg: PPOStageConfig, registry: Registry) -> dict:
     return {"init_from": registry.resolve(cfg.init_from), "reward_model": registry.resolve(cfg.reward_model)}
 
 
@@ -112,7 +112,7 @@ class GoldTracker(TrainerCallback):
         logs["gold_score"] = self.history[-1]["gold_score"]
 
 
-def evaluate_policy(model, ref, tok, rm: RewardModel, rows: list[dict], cfg: PPOConfig, desc: str):
+def evaluate_policy(model, ref, tok, rm: RewardModel, rows: list[dict], cfg: PPOStageConfig, desc: str):
     """Reward, KL to the reference, length and eos rate of sampled responses to held-out prompts, and on the demo's
     own prompts the gold score (the demo's judge means nothing on other data)."""
     gen = GenerationEvalConfig(max_new_tokens=cfg.ppo.response_length, temperature=cfg.ppo.temperature,
@@ -136,11 +136,11 @@ def evaluate_policy(model, ref, tok, rm: RewardModel, rows: list[dict], cfg: PPO
     return metrics, samples
 
 
-def ppo_arguments(run: StageRun) -> TRLPPOConfig:
-    """TRL's PPOConfig from the ppo and trainer sections: one PPO update per trainer step."""
+def ppo_arguments(run: StageRun) -> PPOConfig:
+    """TRL's PPOStageConfig from the ppo and trainer sections: one PPO update per trainer step."""
     p, t = run.cfg.ppo, run.cfg.trainer
     rollouts = t.per_device_train_batch_size * t.gradient_accumulation_steps * run.state.num_processes
-    return TRLPPOConfig(
+    return PPOConfig(
         **{**trainer_arguments(t, run), "save_strategy": "no"},  # TRL's PPO cannot resume: no trainer checkpoints
         total_episodes=t.max_steps * rollouts, num_ppo_epochs=p.num_ppo_epochs, num_mini_batches=p.num_mini_batches,
         response_length=p.response_length,
@@ -153,9 +153,9 @@ def ppo_arguments(run: StageRun) -> TRLPPOConfig:
 
 
 def ppo(run: StageRun) -> dict:
-    cfg: PPOConfig = run.cfg
+    cfg: PPOStageConfig = run.cfg
     policy_ref, reward_ref = run.inputs["init_from"], run.inputs["reward_model"]
-    trust = cfg.model.trust_remote_code
+    trust = cfg.trust_remote_code
     policy, tok = load_causal_lm(policy_ref.path, trust)
     reference, _ = load_causal_lm(policy_ref.path, trust)
     rm = RewardModel(*load_reward_model(reward_ref.path, trust))

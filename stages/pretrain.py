@@ -18,7 +18,7 @@ import torch
 from omegaconf import DictConfig
 from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
-from pipeline.config import PretrainConfig, register_schemas
+from pipeline.config import PretrainStageConfig, register_schemas
 from pipeline.data import extra_tokenizer_text, fingerprint, load_corpus, non_padding_share, pack_into_blocks
 from pipeline.evaluation import copy_rate
 from pipeline.models import build_llama, count_parameters, load_causal_lm, load_tokenizer
@@ -31,7 +31,7 @@ register_schemas()
 def prepare_tokenizer(run: StageRun, train_docs: list[str]):
     """The model's own tokenizer, or a BPE trained by the main process (on a sample of the corpus and the later
     stages' text, tokenizer.extra_text) and shared through disk."""
-    cfg: PretrainConfig = run.cfg
+    cfg: PretrainStageConfig = run.cfg
     out = Path(run.entry.path)
     if run.resume_from and (out / "tokenizer.json").exists():
         return AutoTokenizer.from_pretrained(out)  # the tokenizer the checkpoint was trained with
@@ -50,14 +50,14 @@ def prepare_tokenizer(run: StageRun, train_docs: list[str]):
             tok.save_pretrained(out)
             run.record(tokenizer_trained_on=trained_on, tokenizer_vocab_size=len(tok))
             if len(tok) < 0.9 * t.vocab_size:
-                run.log(f"WARNING: the BPE stopped at {len(tok)} of the {t.vocab_size} tokens asked for: its training "
+                run.warn(f"the BPE stopped at {len(tok)} of the {t.vocab_size} tokens asked for: its training "
                         f"text holds too few distinct words to fill the vocabulary. Lower tokenizer.vocab_size to "
                         f"about {len(tok)}, or add the text your model will be fine-tuned on (tokenizer.extra_text)")
     return AutoTokenizer.from_pretrained(out)
 
 
 def pretrain(run: StageRun) -> dict:
-    cfg: PretrainConfig = run.cfg
+    cfg: PretrainStageConfig = run.cfg
 
     # --- data and tokenizer
     train_docs, eval_docs = load_corpus(cfg.data, cfg.seed, run.cache_dir)

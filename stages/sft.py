@@ -18,12 +18,11 @@ from pathlib import Path
 import hydra
 from datasets import Dataset
 from omegaconf import DictConfig
-from trl import SFTConfig as TRLSFTConfig
-from trl import SFTTrainer
+from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import FLASH_ATTENTION_VARIANTS
 
 from pipeline import demo
-from pipeline.config import SFTConfig, register_schemas
+from pipeline.config import SFTStageConfig, register_schemas
 from pipeline.data import fingerprint, load_sft_data
 from pipeline.evaluation import flaw_rates, gold_eval, gold_gain, with_interval
 from pipeline.models import count_parameters, load_causal_lm, lora_config
@@ -35,7 +34,7 @@ from pipeline.tokenizer import tokenizer_fingerprint
 register_schemas()
 
 
-def inputs(cfg: SFTConfig, registry: Registry) -> dict:
+def inputs(cfg: SFTStageConfig, registry: Registry) -> dict:
     return {"init_from": registry.resolve(cfg.init_from)}
 
 
@@ -48,11 +47,11 @@ def padding_free(batching: str, model) -> bool:
 
 
 def build_trainer(run: StageRun, model, tok, train_rows: list[dict], eval_rows: list[dict]) -> SFTTrainer:
-    cfg: SFTConfig = run.cfg
+    cfg: SFTStageConfig = run.cfg
     conversational = "messages" in train_rows[0]
     plain_text = "text" in train_rows[0]
     flat = padding_free(cfg.batching, model)
-    args = TRLSFTConfig(
+    args = SFTConfig(
         **trainer_arguments(cfg.trainer, run),
         # TRL does not truncate a padding-free batch; rows longer than max_length are dropped below instead.
         max_length=None if flat else cfg.data.max_length,
@@ -84,9 +83,9 @@ def build_trainer(run: StageRun, model, tok, train_rows: list[dict], eval_rows: 
 
 
 def sft(run: StageRun) -> dict:
-    cfg: SFTConfig = run.cfg
+    cfg: SFTStageConfig = run.cfg
     start = run.inputs["init_from"]
-    model, tok = load_causal_lm(start.path, cfg.model.trust_remote_code)
+    model, tok = load_causal_lm(start.path, cfg.trust_remote_code)
     train_rows, eval_rows = load_sft_data(cfg.data, cfg.seed, run.cache_dir)
     run.log(f"{len(train_rows)} train / {len(eval_rows)} eval demonstrations; model "
             f"{count_parameters(model) / 1e6:.2f}M parameters; peft={cfg.peft.method}")

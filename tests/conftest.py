@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+from pipeline.config import overrides_for
+
 ROOT = Path(__file__).resolve().parent.parent
 PY = sys.executable
 
@@ -40,9 +42,10 @@ def home(tmp_path) -> Path:
 
 
 def run_stages(home: Path, stages: tuple[str, ...], args: str) -> Path:
-    """Run stages in order into the registry at home, failing the test if one fails."""
+    """Run stages in order into the registry at home, failing the test if one fails; each gets the overrides its
+    config has, as `make all` gives them."""
     for stage in stages:
-        r = make(stage, home, args)
+        r = make(stage, home, " ".join(overrides_for(stage, args.split())))
         assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     return home
 
@@ -52,6 +55,19 @@ def copy_registry(source: Path, tmp_path: Path) -> Path:
     home = tmp_path / "runs"
     shutil.copytree(source, home)
     return home
+
+
+@pytest.fixture(scope="session")
+def ci_pretrained(tmp_path_factory) -> Path:
+    """A ci-sized pretraining run, made once for the whole session; a test that writes copies it (copy_registry)."""
+    return run_stages(tmp_path_factory.mktemp("pretrained") / "runs", ("pretrain",), "experiment=ci")
+
+
+@pytest.fixture(scope="session")
+def ci_fine_tuned(ci_pretrained, tmp_path_factory) -> Path:
+    """ci_pretrained and a ci-sized SFT run on it, made once for the whole session (copy it to write)."""
+    home = copy_registry(ci_pretrained, tmp_path_factory.mktemp("fine_tuned"))
+    return run_stages(home, ("sft",), "experiment=ci eval.num_prompts=4")
 
 
 def start(target: str, home: Path, args: str = "", **kw) -> subprocess.Popen:

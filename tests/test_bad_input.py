@@ -7,7 +7,7 @@ checks (tokenizer mismatch, pad == eos, no chat template) in test_ppo.py.
 """
 import pytest
 
-from tests.conftest import copy_registry, make, registry_entries, run_stages
+from tests.conftest import copy_registry, make, registry_entries
 
 pytestmark = pytest.mark.slow
 CI = "experiment=ci"
@@ -31,9 +31,9 @@ CASES = {
 }
 
 
-@pytest.fixture(scope="module")
-def with_sft(tmp_path_factory):
-    return run_stages(tmp_path_factory.mktemp("sft") / "runs", ("pretrain", "sft"), f"{CI} eval.num_prompts=4")
+@pytest.fixture
+def with_sft(ci_fine_tuned):
+    return ci_fine_tuned
 
 
 @pytest.mark.parametrize("case", list(CASES))

@@ -5,6 +5,7 @@ import pytest
 import yaml
 from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
+from omegaconf import OmegaConf
 
 from pipeline.config import register_schemas, validate
 from pipeline.errors import PipelineError
@@ -22,11 +23,16 @@ def compose_cfg(name, overrides=()):
         return compose(config_name=name, overrides=list(overrides))
 
 
+def default_choices(primary: str) -> dict[str, str]:
+    """group -> the option the primary config picks by default."""
+    defaults = yaml.safe_load((CONF / f"{primary}.yaml").read_text())["defaults"]
+    return {k: v for d in defaults if isinstance(d, dict) for k, v in d.items()}
+
+
 def group_options():
     """(primary, group, option) for every option of every group a primary config uses."""
     for primary in PRIMARY:
-        defaults = yaml.safe_load((CONF / f"{primary}.yaml").read_text())["defaults"]
-        for group in sorted(k for d in defaults if isinstance(d, dict) for k in d):
+        for group in sorted(default_choices(primary)):
             for option in sorted((CONF / group).glob("*.yaml")):
                 yield primary, group, option.stem
 
@@ -39,8 +45,11 @@ def test_every_config_file_is_used():
 
 @pytest.mark.parametrize("primary,group,option", list(group_options()))
 def test_every_shipped_config_composes_and_validates(primary, group, option):
-    cfg = validate(compose_cfg(primary, [f"{group}={option}", *REQUIRED.get((group, option), [])]))
-    assert cfg.trainer.max_steps > 0
+    composed = compose_cfg(primary, [f"{group}={option}", *REQUIRED.get((group, option), [])])
+    validate(composed)
+    # the option is what was composed: another option than the default changes the config
+    same = OmegaConf.to_container(composed) == OmegaConf.to_container(compose_cfg(primary, REQUIRED.get((group, option), [])))
+    assert same == (option == default_choices(primary)[group] or group == "hydra")
 
 
 def test_ci_experiment_is_micro():
@@ -49,8 +58,18 @@ def test_ci_experiment_is_micro():
     assert cfg.model.hidden_size < demo.model.hidden_size
     assert cfg.trainer.max_steps < demo.trainer.max_steps
     assert cfg.logging.backend == "none" and demo.logging.backend == "wandb"
-    # a group chosen on the command line wins over the experiment's choice
-    assert validate(compose_cfg("pretrain", ["experiment=ci", "model=small"])).model.hidden_size == 256
+    # a key on the command line wins over the experiment's
+    assert validate(compose_cfg("pretrain", ["experiment=ci", "model.hidden_size=256"])).model.hidden_size == 256
+
+
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+def test_a_finetuning_stage_holds_only_the_keys_it_reads(stage):
+    """No architecture or BPE section after pretraining (the model comes from init_from); eval where it generates."""
+    cfg = OmegaConf.to_container(compose_cfg(stage, ["experiment=ci"]))
+    assert "model" not in cfg and "tokenizer" not in cfg and cfg["trust_remote_code"] is False
+    assert ("eval" in cfg) == (stage != "reward")
+    pretrain = OmegaConf.to_container(compose_cfg("pretrain", ["experiment=ci"]))
+    assert "hidden_size" in pretrain["model"] and "vocab_size" in pretrain["tokenizer"] and "eval" not in pretrain
 
 
 @pytest.mark.parametrize("override,match", [
@@ -88,7 +107,8 @@ def test_unknown_sft_batching_is_named():
 def test_demo_gpu_experiment_composes_with_each_stages_own_steps(stage):
     """experiment=demo-gpu: a larger model, swaps at about half the flawed rows, and per stage its own budget."""
     gpu, cpu = validate(compose_cfg(stage, ["experiment=demo-gpu"])), validate(compose_cfg(stage, []))
-    assert gpu.model.hidden_size > cpu.model.hidden_size
+    if stage == "pretrain":  # the later stages start from its checkpoint
+        assert gpu.model.hidden_size > cpu.model.hidden_size
     shares = gpu.data.flaw_shares
     assert shares["swap"] / sum(shares.values()) > 0.3 > cpu.data.flaw_shares["swap"] / sum(cpu.data.flaw_shares.values())
     assert gpu.trainer.per_device_train_batch_size > cpu.trainer.per_device_train_batch_size

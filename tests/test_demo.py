@@ -98,7 +98,7 @@ def test_gold_judge_ranks_correct_above_flawed(task):
 
 @pytest.mark.parametrize("flaw", demo.FLAWS)
 def test_every_flaw_class_is_generated_found_by_its_detector_and_costs_gold(flaw):
-    rows = demo.generate_preferences(1500, 3, flaw_shares={flaw: 1.0})
+    rows = demo.generate_preferences(800, 3, flaw_shares={flaw: 1.0})
     assert len(rows) > 100 and {r["flaw"] for r in rows} == {flaw}
     for r in rows:
         prompt, good, bad = r["prompt"][0]["content"], r["chosen"][0]["content"], r["rejected"][0]["content"]

@@ -78,15 +78,22 @@ def test_entries_carry_the_per_class_figures_and_the_report_tabulates_them(pipel
     """Reward accuracy per flaw class, each class's rate in the SFT and PPO samples and in their starts'."""
     home, _ = pipeline_home
     by_stage = {e["stage"]: e["metrics"] for e in registry_entries(home)}
-    reward = {k.split("/")[1]: v for k, v in by_stage["reward"].items() if k.startswith("eval_accuracy/")}
-    assert len(reward) >= 4 and all(0 <= v <= 1 for v in reward.values())
-    for stage in ("sft", "ppo"):
-        m = by_stage[stage]
-        for c in demo.FLAWS:
-            assert 0 <= m[f"flaw_rate/{c}"] <= 1 and 0 <= m[f"baseline_flaw_rate/{c}"] <= 1
+    rm = by_stage["reward"]
+    reward = {k.split("/")[1]: v for k, v in rm.items() if k.startswith("eval_accuracy/")}
+    assert len(reward) >= 4 and set(reward) <= set(demo.FLAWS)
+    for c, acc in reward.items():  # a share of that class's held-out pairs
+        n = rm[f"eval_pairs/{c}"]
+        assert acc * n == pytest.approx(round(acc * n))
+    pairs = sum(rm[f"eval_pairs/{c}"] for c in reward)  # every demo pair names its class: together, the overall figure
+    assert rm["eval_accuracy"] == pytest.approx(sum(reward[c] * rm[f"eval_pairs/{c}"] for c in reward) / pairs)
+    # each flaw rate is that of the saved samples, as the demo's detectors find them
     samples = [json.loads(l) for l in open(next((home / "checkpoints").glob("sft-*")) / "eval_samples.jsonl")]
-    rate = sum("no_stop" in s["flaws"] for s in samples) / len(samples)
-    assert by_stage["sft"]["flaw_rate/no_stop"] == pytest.approx(rate)  # the rate is that of the saved samples
+    ppo_rows = [json.loads(l) for l in open(next((home / "checkpoints").glob("ppo-*")) / "samples.jsonl")]
+    for c in demo.FLAWS:
+        assert by_stage["sft"][f"flaw_rate/{c}"] == pytest.approx(sum(c in s["flaws"] for s in samples) / len(samples))
+        for key, column in ((f"flaw_rate/{c}", "ppo"), (f"baseline_flaw_rate/{c}", "sft")):
+            found = [c in demo.detect_flaws(r["prompt"], r[column]) for r in ppo_rows]
+            assert by_stage["ppo"][key] == pytest.approx(sum(found) / len(found)), (key, column)
     page = (home / "pipelines" / PIPELINE_ID / "report.md").read_text()
     table = page[page.index("## The demo's flaw classes"):]
     row = next(l for l in table.splitlines() if l.startswith("| swap |"))

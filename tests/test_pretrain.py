@@ -9,7 +9,7 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import demo
 from pipeline.run import resolved_precision, unwrapped
-from tests.conftest import kill_after_first_checkpoint, make, registry_entries
+from tests.conftest import make, registry_entries
 
 pytestmark = pytest.mark.slow
 CI = "experiment=ci"
@@ -27,7 +27,8 @@ def test_pretrain_learns_and_registers_a_loadable_checkpoint(home):
     assert m["eval_loss"] < 0.8 * m["initial_eval_loss"]  # it learned
     assert m["perplexity"] == pytest.approx(torch.exp(torch.tensor(m["eval_loss"])).item(), rel=1e-4)
     assert m["packing_efficiency"] >= 0.99
-    assert "copy_rate/person" in m and all(0.0 <= v <= 1.0 for k, v in m.items() if k.startswith("copy_rate/"))
+    kinds = {k.split("/")[1] for k in m if k.startswith("copy_rate/")}  # those the held-out stories mention again
+    assert "person" in kinds and kinds <= {"person", "animal", "colour", "obj", "place"}
     assert e["parents"] == [] and e["config"]["trainer"]["max_steps"] == 40
     assert e["data_fingerprint"] and e["tokenizer_fingerprint"] and e["versions"]["trl"] == "1.12.0"
     path = e["path"]
@@ -45,21 +46,21 @@ def test_pretrain_learns_and_registers_a_loadable_checkpoint(home):
     x = tok("Once upon a time", return_tensors="pt")
     y = model.generate(**x, max_new_tokens=8, do_sample=False)
     assert y.shape[1] > x["input_ids"].shape[1]
-    assert "[pretrain] Complete" in r.stdout and "non-padding share 1.0000" in r.stdout
+    assert f"Complete: {e['id']}" in r.stdout and "non-padding share 1.0000" in r.stdout
+    # the stage's output is also in Hydra's log of the run, beside the composed config
+    [log] = (home / "hydra" / "pretrain").glob("*/pretrain.log")
+    assert f"Complete: {e['id']}" in log.read_text() and (log.parent / ".hydra" / "config.yaml").exists()
 
 
-def test_own_text_in_each_file_format(home, tmp_path):
-    texts = [t.replace("\n\n", "\n") for t in demo.generate_corpus(300, 9)]  # one paragraph each, for the .txt
-    files = {"txt": tmp_path / "c.txt", "jsonl": tmp_path / "c.jsonl", "parquet": tmp_path / "c.parquet"}
-    files["txt"].write_text("\n\n".join(texts))
-    files["jsonl"].write_text("\n".join(json.dumps({"text": t}) for t in texts))
-    pd.DataFrame({"text": texts}).to_parquet(files["parquet"])
-    for kind, f in files.items():
-        r = make("pretrain", home, f"{CI} data=local data.path={f} trainer.max_steps=10")
-        assert r.returncode == 0, kind + r.stdout[-1500:] + r.stderr[-1500:]
-    entries = complete(home)
-    assert [e["config"]["data"]["path"] for e in entries] == [str(f) for f in files.values()]
-    assert len({e["data_fingerprint"] for e in entries}) == 1  # the same documents from each format
+def test_own_text_trains(home, tmp_path):
+    """A corpus of the user's own (a .parquet here; test_data.py checks each file kind gives the same documents)."""
+    texts = demo.generate_corpus(300, 9)
+    f = tmp_path / "c.parquet"
+    pd.DataFrame({"text": texts}).to_parquet(f)
+    r = make("pretrain", home, f"{CI} data=local data.path={f} trainer.max_steps=10")
+    assert r.returncode == 0, r.stdout[-1500:] + r.stderr[-1500:]
+    [e] = complete(home)
+    assert e["config"]["data"]["path"] == str(f) and e["metrics"]["eval_loss"] < e["metrics"]["initial_eval_loss"]
 
 
 @pytest.mark.parametrize("args,expect", [
@@ -89,25 +90,6 @@ def test_two_processes_make_one_entry(home):
     entries = registry_entries(home)
     assert len(entries) == 1 and entries[0]["status"] == "complete"
     assert entries[0]["metrics"]["eval_loss"] < entries[0]["metrics"]["initial_eval_loss"]
-
-
-def test_killed_run_resumes_and_never_resolves_as_latest(home):
-    args = f"{CI} trainer.max_steps=3000 trainer.save_steps=50 trainer.logging_steps=500"
-    kill_after_first_checkpoint("pretrain", home, args)
-    [killed] = registry_entries(home)
-    assert killed["status"] == "running"
-    from pipeline.registry import Registry
-    from pipeline.errors import PipelineError
-    with pytest.raises(PipelineError):
-        Registry(home).resolve("pretrain:latest")
-
-    r = make("pretrain", home, args)
-    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert f"Resuming {killed['id']} from" in r.stdout
-    [e] = registry_entries(home)
-    assert e["id"] == killed["id"] and e["status"] == "complete"
-    assert e["metrics"]["global_step"] == 3000
-    assert Registry(home).resolve("pretrain:latest").entry.id == e["id"]
 
 
 @pytest.mark.parametrize("cuda, cuda_bf16, amx, expect", [

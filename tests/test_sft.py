@@ -13,8 +13,9 @@ from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, Llama
 
 from pipeline import demo
 from pipeline.config import register_schemas, validate
+from pipeline.run import StageRun
 from pipeline.tokenizer import train_bpe
-from tests.conftest import complete_entries, copy_registry, make, registry_entries, run_stages
+from tests.conftest import complete_entries, copy_registry, make, registry_entries
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
 CI = "experiment=ci"
@@ -44,8 +45,7 @@ def test_only_response_tokens_carry_loss(tmp_path, fmt):
         rows = [{"prompt": r["messages"][:1], "completion": r["messages"][1:]} for r in rows]
     else:
         rows = [{"messages": r["messages"]} for r in rows]
-    run = SimpleNamespace(cfg=ci_config(), trainer_dir=tmp_path, report_to="none", entry=SimpleNamespace(id="t"),
-                          log=print)
+    run = StageRun.standalone("sft", ci_config(), tmp_path)
     trainer = build_trainer(run, tiny_model(tok), tok, rows, rows[:2])
     batch = next(iter(trainer.get_train_dataloader()))
     assert batch["labels"].shape == batch["input_ids"].shape
@@ -68,8 +68,7 @@ def test_padding_free_batches_give_the_padded_loss(tmp_path):
     model = tiny_model(tok).eval()
     losses = {}
     for batching in ("padded", "padding_free"):
-        run = SimpleNamespace(cfg=ci_config([f"batching={batching}"]), trainer_dir=tmp_path / batching,
-                              report_to="none", entry=SimpleNamespace(id="t"), log=print)
+        run = StageRun.standalone("sft", ci_config([f"batching={batching}"]), tmp_path / batching)
         trainer = build_trainer(run, model, tok, rows, rows[:2])
         batch = next(iter(trainer.get_eval_dataloader()))
         real = int((batch["labels"] != -100).sum())
@@ -89,15 +88,9 @@ def test_auto_batching_flattens_only_under_flash_attention():
     assert padding_free("auto", model) and not padding_free("padded", model)
 
 
-@pytest.fixture(scope="module")
-def pretrained(tmp_path_factory):
-    """A ci-sized pretraining run, shared by the tests below (each copies its registry)."""
-    return run_stages(tmp_path_factory.mktemp("pretrained") / "runs", ("pretrain",), CI)
-
-
 @pytest.fixture
-def home_with_pretrain(pretrained, tmp_path):
-    return copy_registry(pretrained, tmp_path)
+def home_with_pretrain(ci_pretrained, tmp_path):
+    return copy_registry(ci_pretrained, tmp_path)
 
 
 def complete(home, stage="sft"):
@@ -114,13 +107,16 @@ def test_sft_learns_from_pretrain_latest(home_with_pretrain):
     m = e["metrics"]
     assert e["parents"] == [pre["id"]]
     assert m["eval_loss"] < m["initial_eval_loss"]
-    assert 0 <= m["baseline_gold_score"] <= 1 and 0 <= m["gold_score"] <= 1
+    samples = [json.loads(l) for l in open(Path(e["path"]) / "eval_samples.jsonl")]
+    baseline = json.loads((Path(e["path"]) / "baseline_gold.json").read_text())
+    # the figures are those of the saved samples, start and fine-tuned model on the same prompts
+    assert m["gold_score"] == pytest.approx(sum(s["gold"] for s in samples) / len(samples))
+    assert m["baseline_gold_score"] == pytest.approx(sum(baseline) / len(baseline)) and len(baseline) == len(samples)
     assert 0.5 < m["demonstration_gold_score"] < 1.0  # the flawed share costs the demonstrations' own gold
     before, after = load_file(Path(pre["path"]) / "model.safetensors"), load_file(Path(e["path"]) / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)  # parameters changed
     tok = AutoTokenizer.from_pretrained(e["path"])
     assert tok.chat_template and tok.pad_token_id != tok.eos_token_id
-    samples = [json.loads(l) for l in open(Path(e["path"]) / "eval_samples.jsonl")]
     assert len(samples) == 40 and {s["task"] for s in samples} == set(demo.TASKS)
 
 
@@ -190,22 +186,33 @@ BAD_ROWS = {
 }
 
 
-@pytest.mark.slow
-@pytest.mark.parametrize("case", list(BAD_ROWS))
-def test_bad_rows_are_named_or_skipped(home_with_pretrain, tmp_path, case):
-    home = home_with_pretrain
+def chats_with_bad_rows(tmp_path, bad: list[dict]):
+    """40 demonstrations with the bad rows at rows 7, 8, ... (1-based)."""
     rows = [{"messages": r["messages"]} for r in demo.generate_demonstrations(40, 3)]
-    bad, expect = BAD_ROWS[case]
-    rows.insert(6, bad)
+    rows[6:6] = bad
     f = tmp_path / "chats.jsonl"
     f.write_text("\n".join(json.dumps(r) for r in rows))
-    r = make("sft", home, f"{CI} data=local data.path={f}")
+    return f
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("case", list(BAD_ROWS))
+def test_bad_rows_are_named(home_with_pretrain, tmp_path, case):
+    home = home_with_pretrain
+    bad, expect = BAD_ROWS[case]
+    r = make("sft", home, f"{CI} data=local data.path={chats_with_bad_rows(tmp_path, [bad])}")
     out = r.stdout + r.stderr
     assert r.returncode != 0 and "row 7: " in out and expect in out, out[-1500:]
     assert "Traceback" not in out and not complete(home)
+
+
+@pytest.mark.slow
+def test_bad_rows_are_skipped_and_counted_when_asked(home_with_pretrain, tmp_path):
+    home = home_with_pretrain
+    f = chats_with_bad_rows(tmp_path, [bad for bad, _ in BAD_ROWS.values()])
     r = make("sft", home, f"{CI} data=local data.path={f} data.skip_bad_rows=true trainer.max_steps=5")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
-    assert "Skipped 1 bad row(s)" in r.stdout and len(complete(home)) == 1
+    assert "Skipped 3 bad row(s)" in r.stdout and "rows [7, 8, 9]" in r.stdout and len(complete(home)) == 1
 
 
 @pytest.mark.slow
@@ -225,8 +232,7 @@ def test_plain_text_batches_carry_the_loss_on_every_token(tmp_path):
     from stages.sft import build_trainer
     tok = train_bpe(demo.generate_corpus(300, 0), 400, 128)
     rows = [{"text": t} for t in demo.generate_corpus(8, 1)]
-    run = SimpleNamespace(cfg=ci_config(), trainer_dir=tmp_path, report_to="none", entry=SimpleNamespace(id="t"),
-                          log=print)
+    run = StageRun.standalone("sft", ci_config(), tmp_path)
     batch = next(iter(build_trainer(run, tiny_model(tok), tok, rows, rows[:2]).get_train_dataloader()))
     real = batch["input_ids"] != tok.pad_token_id
     assert torch.equal(batch["labels"] != -100, real)  # every real token is trained, padding is not

@@ -24,9 +24,18 @@ def env_for(home: Path, **extra) -> dict:
     return env
 
 
+def make_vars(**kw) -> list[str]:
+    """make's variables for a stage run. Under pytest-xdist the workers share the cores, so each stage process
+    gets its share of threads (make gives one process all of them)."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "1"))
+    if workers > 1:
+        kw.setdefault("THREADS", max(1, (os.cpu_count() or 1) // workers))
+    return [f"{k}={v}" for k, v in kw.items()]
+
+
 def make(target: str, home: Path, args: str = "", timeout: int = 600, **kw) -> subprocess.CompletedProcess:
     """`make TARGET ARGS="..."` in the project root, with the registry under home."""
-    cmd = ["make", "--no-print-directory", target, f"ARGS={args}"] + [f"{k}={v}" for k, v in kw.items()]
+    cmd = ["make", "--no-print-directory", target, f"ARGS={args}"] + make_vars(**kw)
     return subprocess.run(cmd, cwd=ROOT, env=env_for(home), capture_output=True, text=True, timeout=timeout)
 
 
@@ -72,7 +81,7 @@ def ci_fine_tuned(ci_pretrained, tmp_path_factory) -> Path:
 
 def start(target: str, home: Path, args: str = "", **kw) -> subprocess.Popen:
     """`make TARGET` in the background, in its own process group (so that a test can kill it all)."""
-    cmd = ["make", "--no-print-directory", target, f"ARGS={args}"] + [f"{k}={v}" for k, v in kw.items()]
+    cmd = ["make", "--no-print-directory", target, f"ARGS={args}"] + make_vars(**kw)
     return subprocess.Popen(cmd, cwd=ROOT, env=env_for(home), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, start_new_session=True)
 

@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from pipeline import demo
-from tests.conftest import ROOT, complete_entries, env_for, make, registry_entries
+from tests.conftest import ROOT, complete_entries, env_for, make, make_vars, registry_entries
 from tests.wandb_records import runs_and_artifacts
 
 pytestmark = pytest.mark.slow
@@ -28,7 +28,8 @@ def pipeline_home(tmp_path_factory):
     outputs = []
     for cmd in quickstart_commands():
         if cmd.startswith("make "):
-            cmd += f' ARGS="experiment=ci logging=wandb registry.wandb_artifacts=true" PIPELINE_ID={PIPELINE_ID}'
+            cmd += f' ARGS="experiment=ci logging=wandb registry.wandb_artifacts=true" PIPELINE_ID={PIPELINE_ID} '
+            cmd += " ".join(make_vars())
         cmd = cmd.replace("python ", ".venv/bin/python ", 1) if cmd.startswith("python ") else cmd
         r = subprocess.run(cmd, shell=True, cwd=ROOT, env=env_for(home), capture_output=True, text=True,
                            timeout=900)

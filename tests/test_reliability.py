@@ -1,5 +1,6 @@
 """Reliability: every stage resumes after kill -9, random kills never corrupt the registry, two stages at
 once both complete, a non-finite loss stops cleanly, and nothing unsafe is written or loaded."""
+import contextlib
 import json
 import os
 import random
@@ -11,6 +12,7 @@ import torch
 from safetensors.torch import load_file
 
 from pipeline.config import overrides_for
+from pipeline.errors import PipelineError
 from pipeline.registry import Registry
 from tests.conftest import (complete_entries, copy_registry, kill, kill_after_first_checkpoint, make,
                             registry_entries, start)
@@ -52,7 +54,8 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(fine_tuned, tmp_path, 
     kill_after_first_checkpoint(stage, home, args)
     [killed] = [e for e in registry_entries(home, stage) if e["status"] != "complete"]
     assert killed["status"] == "running"
-    assert Registry(home).resolve(f"{stage}:latest").entry.id != killed["id"]  # an unfinished run is never input
+    with contextlib.suppress(PipelineError):  # an unfinished run is never input: latest is another entry, or none
+        assert Registry(home).resolve(f"{stage}:latest").entry.id != killed["id"]
     r = make(stage, home, args)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert f"Resuming {killed['id']} from" in r.stdout

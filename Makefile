@@ -62,7 +62,7 @@ all: install
 report: install
 	$(PY) -m pipeline.report $(PIPELINE_ID)
 
-# The fast lane for the edit-test loop: no test that runs a stage's command (about 2 minutes).
+# The fast lane for the edit-test loop: no test that runs a stage's command.
 test: install
 	$(PY) -m pytest -q -m "not slow and not faults" $(PYTEST_ARGS)
 

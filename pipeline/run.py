@@ -47,7 +47,7 @@ CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in Trai
 class StageRun:
     """Everything a stage's body needs: its typed config, registry entry, and distributed state."""
     stage: str
-    cfg: StageConfig  # the stage's own config class (PretrainConfig, SFTConfig, ...)
+    cfg: StageConfig  # the stage's own config class (PretrainStageConfig, SFTStageConfig, ...)
     config: dict  # the resolved config as plain data (saved with the checkpoint)
     registry: Registry
     entry: Entry

@@ -120,8 +120,8 @@ def ppo(a, data, out):
     policy, ref = (AutoModelForCausalLM.from_pretrained(out / "sft") for _ in range(2))
     rm, value = (AutoModelForSequenceClassification.from_pretrained(out / "reward", num_labels=1) for _ in range(2))
     args = PPOConfig(out / "trainer-ppo", total_episodes=a.ppo_episodes, per_device_train_batch_size=64,
-                     num_mini_batches=4, num_ppo_epochs=4, learning_rate=1e-5, response_length=64,
-                     stop_token="eos", temperature=0.7, missing_eos_penalty=1.0, kl_coef=0.2,
+                     num_mini_batches=4, num_ppo_epochs=2, learning_rate=3e-5, response_length=80,
+                     stop_token="eos", temperature=1.0, missing_eos_penalty=1.0, kl_coef=0.05,
                      num_sample_generations=0, save_strategy="no", report_to=[], seed=a.seed, bf16=a.bf16)
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
                          value_model=value, train_dataset=ds, eval_dataset=ds.select(range(16)))

@@ -1,5 +1,5 @@
 # One target per stage; each installs first when .venv is missing or out of date.
-#   make pretrain | sft | reward | ppo | rlhf | all     ARGS="hydra overrides"  NPROC=N  ACCELERATE_CONFIG=file
+#   make pretrain | sft | reward | ppo | dpo | grpo | rlhf | all     ARGS="hydra overrides"  NPROC=N  ACCELERATE_CONFIG=file
 #   make test | test-all | bench | install                TORCH=torch (a CUDA build) on a GPU machine
 
 SHELL := /bin/bash
@@ -29,7 +29,7 @@ else
 endif
 LAUNCH := $(VENV)/bin/accelerate launch --quiet $(LAUNCH_FLAGS) -m
 
-.PHONY: install pretrain sft reward ppo rlhf all report test test-all test-faults bench registry clean-venv
+.PHONY: install pretrain sft reward ppo dpo grpo rlhf all report test test-all test-faults bench registry clean-venv
 
 install: $(STAMP)
 
@@ -50,6 +50,14 @@ reward: install
 
 ppo: install
 	$(LAUNCH) stages.ppo $(ARGS)
+
+# The other alignment methods on the same SFT start: DPO from preference pairs; GRPO (or algorithm=rloo)
+# against the reward model and/or reward functions.
+dpo: install
+	$(LAUNCH) stages.dpo $(ARGS)
+
+grpo: install
+	$(LAUNCH) stages.grpo $(ARGS)
 
 rlhf: reward ppo
 

@@ -348,8 +348,105 @@ class PPOStageConfig(FinetuneStageConfig):
     ppo: PPOSettings = field(default_factory=PPOSettings)
 
 
+@dataclass
+class DPOSettings:
+    """TRL's DPOTrainer settings the stage exposes (the loss, the pull towards the reference)."""
+    # How far the policy may move from the reference: the implicit reward is beta x log(policy / reference); a
+    # higher beta keeps the policy closer.
+    beta: float = 0.1
+    # TRL's DPO loss types: sigmoid (DPO), ipo, hinge, robust, apo_zero, sigmoid_norm, ...; several are combined
+    # with loss_weights.
+    loss_type: List[str] = field(default_factory=lambda: ["sigmoid"])
+    loss_weights: Optional[List[float]] = None
+    # Label smoothing: the assumed share of flipped preference labels (robust and exo_pair losses).
+    label_smoothing: float = 0.0
+
+    def __post_init__(self):
+        if self.beta <= 0:
+            raise ValueError(f"dpo.beta must be positive, got {self.beta}")
+        if self.loss_weights is not None and len(self.loss_weights) != len(self.loss_type):
+            raise ValueError(f"dpo.loss_weights needs one weight per loss in dpo.loss_type {list(self.loss_type)}, "
+                             f"got {list(self.loss_weights)}")
+
+
+@dataclass
+class DPOStageConfig(FinetuneStageConfig):
+    # The policy, and its frozen reference.
+    init_from: str = "sft:latest"
+    # Evaluation by sampling on held-out prompts, for the DPO policy and its start.
+    eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+    dpo: DPOSettings = field(default_factory=DPOSettings)
+
+
+ALGORITHMS = ("grpo", "rloo")
+
+
+@dataclass
+class GRPOSettings:
+    """Online RL from groups of sampled responses (TRL's GRPOTrainer, or RLOOTrainer with algorithm=rloo)."""
+    # Responses sampled per prompt: each is judged against the others of its group (its baseline).
+    num_generations: int = 8
+    # Tokens sampled per response (a response ends at its first eos).
+    max_completion_length: int = 80
+    temperature: float = 1.0
+    # KL penalty to the reference (the starting policy); 0 drops the reference model and the KL budget with it.
+    beta: float = 0.05
+    # Policy-ratio clipping, and optimisation passes over each batch of samples.
+    epsilon: float = 0.2
+    num_iterations: int = 1
+    # GRPO's loss aggregation (TRL's loss_type: dapo, grpo, dr_grpo, bnpo, ...) and how it scales rewards within
+    # a group (group, batch, none). RLOO uses neither.
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+    # Reward-model scores are (score - score_mean) / score_std with the reward model's stored statistics, as in
+    # PPO, so that they sit on the scale of the reward functions they are weighed with.
+    normalize_rewards: bool = True
+    # Stop when the policy's logged KL to the reference exceeds this (null: no guard), as ppo.kl_budget.
+    kl_budget: Optional[float] = 8.0
+    # Track the gold judge's score on held-out demo prompts every this many steps (0 = never).
+    gold_every: int = 10
+    gold_prompts: int = 48
+
+    def __post_init__(self):
+        if self.num_generations < 2:
+            raise ValueError(f"grpo.num_generations must be at least 2 (a group), got {self.num_generations}")
+        if self.temperature <= 0:
+            raise ValueError(f"grpo.temperature must be positive, got {self.temperature}")
+
+
+@dataclass
+class GRPOStageConfig(FinetuneStageConfig):
+    # grpo: TRL's GRPOTrainer; rloo: its RLOOTrainer (REINFORCE leave-one-out) on the same setup. The entry's
+    # stage is the algorithm's name (grpo:latest, rloo:latest).
+    algorithm: str = "grpo"
+    init_from: str = "sft:latest"
+    # The reward model to score with (a reference, as init_from). null: reward:latest when no reward_functions
+    # are given, none otherwise; name one to combine it with the functions.
+    reward_model: Optional[str] = None
+    # Reward functions as module:function (TRL's signature: f(prompts, completions, **columns) -> list of
+    # floats), or by name: demo_oracle, the demo's gold judge (an upper bound on what RL can reach on the demo,
+    # never a default: the entry is marked oracle).
+    reward_functions: List[str] = field(default_factory=list)
+    # One weight per reward source, the reward model first, then the functions in order (null: all 1).
+    reward_weights: Optional[List[float]] = None
+    # Evaluation by sampling on held-out prompts, for the policy and its start (as grpo samples).
+    eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.algorithm not in ALGORITHMS:
+            raise ValueError(f"algorithm must be one of {ALGORITHMS}, got {self.algorithm!r}")
+        if self.reward_model is None and not self.reward_functions:
+            self.reward_model = "reward:latest"
+        sources = int(self.reward_model is not None) + len(self.reward_functions)
+        if self.reward_weights is not None and len(self.reward_weights) != sources:
+            raise ValueError(f"reward_weights needs {sources} weights (the reward model first, then each of "
+                             f"reward_functions), got {list(self.reward_weights)}")
+
+
 STAGE_SCHEMAS = {"pretrain": PretrainStageConfig, "sft": SFTStageConfig, "reward": RewardStageConfig,
-                 "ppo": PPOStageConfig}
+                 "ppo": PPOStageConfig, "dpo": DPOStageConfig, "grpo": GRPOStageConfig}
 
 
 def overrides_for(stage: str, overrides: list[str]) -> list[str]:

@@ -351,11 +351,15 @@ def prompt_row_problem(row: dict) -> str | None:
     return _check_messages(prompt, "prompt", need_assistant=False)
 
 
+def demo_heldout_prompts(n: int, seed: int) -> list[dict]:
+    """The demo's held-out prompts of a run with this seed: every alignment stage evaluates on the same ones."""
+    return demo.generate_prompts(n, seed + 1, heldout=True)
+
+
 def load_prompt_data(cfg: DataConfig, seed: int, cache_dir: Path, n_eval: int) -> tuple[list[dict], list[dict]]:
     """(train prompts, held-out prompts) as conversational `prompt` lists; demo rows also carry their task."""
     if cfg.kind == "demo":
-        return (demo.generate_prompts(cfg.num_examples, seed, heldout=False),
-                demo.generate_prompts(n_eval, seed + 1, heldout=True))
+        return demo.generate_prompts(cfg.num_examples, seed, heldout=False), demo_heldout_prompts(n_eval, seed)
     raw, where = load_rows(cfg, cache_dir)
     rows, _ = clean_rows(raw, prompt_row_problem, where, cfg.skip_bad_rows)
     rows = [{"prompt": [{"role": "user", "content": r["prompt"]}] if isinstance(r["prompt"], str) else r["prompt"]}

@@ -30,10 +30,12 @@ from typing import Optional
 
 from pipeline.errors import PipelineError
 
-STAGES = ("pretrain", "sft", "reward", "ppo")
+STAGES = ("pretrain", "sft", "reward", "ppo", "dpo", "grpo", "rloo")
+# The stages that tune a policy from its SFT start.
+ALIGNMENT_STAGES = ("ppo", "dpo", "grpo", "rloo")
 # The metric `stage:best` ranks by, and whether higher is better.
-KEY_METRICS = {"pretrain": ("eval_loss", False), "sft": ("gold_score", True),
-               "reward": ("eval_accuracy", True), "ppo": ("gold_score", True)}
+KEY_METRICS = {"pretrain": ("eval_loss", False), "sft": ("gold_score", True), "reward": ("eval_accuracy", True),
+               **{stage: ("gold_score", True) for stage in ALIGNMENT_STAGES}}
 STATUSES = ("running", "complete", "failed")
 MANIFEST = "manifest.json"
 PACKAGES = ("torch", "transformers", "trl", "peft", "accelerate", "datasets", "wandb", "hydra-core")

@@ -1,0 +1,198 @@
+"""One alignment core for the stages that tune a policy from its SFT start: PPO, DPO, GRPO and RLOO.
+
+They share the handoff checks between a policy and its reward model, the reward model as the online methods
+score with it (rewards normalised by its stored statistics), the KL budget and gold-tracking callbacks, and one
+evaluation: the tuned policy and its start sample responses to the same held-out prompts with the same noise,
+scored for reward, KL to the start, length and eos rate, and on the demo by the gold judge (gold_gain with its
+paired bootstrap interval, per-class flaw rates), with the two side by side in a sample table. Where the
+stages differ, it is only in what their TRL trainer needs.
+"""
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+from torch import nn
+from transformers import TrainerCallback
+
+from pipeline import demo
+from pipeline.config import GenerationEvalConfig
+from pipeline.errors import PipelineError
+from pipeline.evaluation import (flaw_rates, generate_responses, gold_gain, judge, response_logprobs,
+                                 sample_responses, with_interval)
+from pipeline.models import load_reward_model
+from pipeline.tokenizer import tokenizer_fingerprint
+from reward_model.scoring import STATS_FILE, RewardModel
+
+
+def check_handoff(policy_tok, reward_tok, policy_name: str, reward_name: str) -> None:
+    """Refuse a policy and reward model that would read the same tokens differently."""
+    for name, tok in ((policy_name, policy_tok), (reward_name, reward_tok)):
+        if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
+            raise PipelineError(f"{name}: the pad token must differ from eos (pad={tok.pad_token!r}, "
+                                f"eos={tok.eos_token!r}); the score is read at the eos and the padding masked")
+        if not tok.chat_template:
+            raise PipelineError(f"{name}: the tokenizer has no chat template; fine-tune with `make sft` first")
+    if tokenizer_fingerprint(policy_tok) != tokenizer_fingerprint(reward_tok):
+        diffs = [f"{what}: {a!r} vs {b!r}" for what, a, b in (
+            ("vocabulary size", len(policy_tok), len(reward_tok)),
+            ("eos", policy_tok.eos_token, reward_tok.eos_token),
+            ("pad", policy_tok.pad_token, reward_tok.pad_token),
+            ("chat template", policy_tok.chat_template[:40], reward_tok.chat_template[:40])) if a != b]
+        raise PipelineError(f"tokenizer mismatch between the policy ({policy_name}) and the reward model "
+                            f"({reward_name}): {'; '.join(diffs) or 'the vocabularies or merges differ'}. "
+                            f"Train the reward model from this policy's lineage (make reward).")
+
+
+class Standardize(nn.Module):
+    """The reward head followed by (score - mean) / std, so the policy sees rewards of unit scale."""
+
+    def __init__(self, head: nn.Module, mean: float, std: float):
+        super().__init__()
+        self.head, self.mean, self.std = head, mean, std
+
+    def forward(self, hidden):
+        return (self.head(hidden) - self.mean) / self.std
+
+
+def reward_statistics(path: str, normalize: bool) -> dict:
+    """The reward model's stored score mean and std (written by `make reward`); mean 0, std 1 without
+    normalisation."""
+    stats_file = Path(path) / STATS_FILE
+    if normalize and not stats_file.exists():
+        raise PipelineError(f"{path} has no {STATS_FILE} (score_mean/score_std) to normalise rewards with; train "
+                            f"it with `make reward`, or turn reward normalisation off (normalize_rewards=false)")
+    return json.loads(stats_file.read_text()) if normalize else {"score_mean": 0.0, "score_std": 1.0}
+
+
+def load_scorer(path: str, trust_remote_code: bool, stats: dict):
+    """The reward model as the online trainers call it: its head standardised by stats."""
+    scorer, tok = load_reward_model(path, trust_remote_code)
+    if (stats["score_mean"], stats["score_std"]) != (0.0, 1.0):
+        scorer.score = Standardize(scorer.score, stats["score_mean"], max(stats["score_std"], 1e-6))
+    return scorer, tok
+
+
+class KLBudget(TrainerCallback):
+    """Stop when the policy drifts past the KL budget. TRL's PPO loop has no stop flag, so this raises; the
+    stage catches it and keeps the policy of that step."""
+
+    class Exceeded(Exception):
+        pass
+
+    def __init__(self, budget: float | None, key: str):
+        self.budget, self.key = budget, key  # key: the logged KL (objective/kl for PPO, kl for GRPO/RLOO)
+        self.fired_at = None
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        kl = (logs or {}).get(self.key)
+        if self.budget is not None and kl is not None and kl > self.budget:
+            self.fired_at = {"step": state.global_step, "kl": kl}
+            raise KLBudget.Exceeded()
+
+    def record(self, run, metrics: dict) -> None:
+        if self.fired_at:
+            run.log(f"KL budget exceeded at step {self.fired_at['step']} (KL {self.fired_at['kl']:.2f} > "
+                    f"{self.budget}): stopped early, keeping the policy of that step")
+            metrics.update(kl_budget_stop_step=self.fired_at["step"], kl_budget_stop_kl=self.fired_at["kl"])
+
+
+class GoldTracker(TrainerCallback):
+    """The gold judge's score of the policy's greedy responses to held-out demo prompts, every few updates:
+    it shows when the reward and real quality part ways."""
+
+    def __init__(self, policy, tok, rows: list[dict], every: int, max_new_tokens: int, batch_size: int,
+                 score_key: str, kl_key: str):
+        self.policy, self.tok, self.rows, self.every = policy, tok, rows, every
+        self.gen_cfg = GenerationEvalConfig(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
+        self.score_key, self.kl_key = score_key, kl_key
+        self.history = []
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if not self.every or not self.rows or state.global_step % self.every or self.score_key not in (logs or {}):
+            return
+        responses = generate_responses(self.policy, self.tok, [r["prompt"] for r in self.rows], self.gen_cfg,
+                                       "Gold check")
+        gold = sum(demo.gold_score(r["prompt"][-1]["content"], x) for r, x in zip(self.rows, responses))
+        self.history.append({"step": state.global_step, "gold_score": gold / len(self.rows),
+                             "score": logs.get(self.score_key), "kl": logs.get(self.kl_key)})
+        logs["gold_score"] = self.history[-1]["gold_score"]
+
+
+def evaluate_policy(model, ref, tok, rm: RewardModel | None, rows: list[dict], gen: GenerationEvalConfig,
+                    judged: bool, desc: str) -> tuple[dict, list[dict]]:
+    """Reward (with a reward model), KL to the reference, length and eos rate of responses sampled to held-out
+    prompts, and on the demo's own prompts the gold score and flaw rates (the demo's judge means nothing on
+    other data)."""
+    prompts = [r["prompt"] for r in rows]
+    pairs = sample_responses(model, tok, prompts, gen, desc)
+    texts = [tok.decode(r, skip_special_tokens=True).strip() for _, r in pairs]
+    scores = rm.score(prompts, [[{"role": "assistant", "content": t}] for t in texts]) if rm else [None] * len(texts)
+    verdicts = [judge(p[-1]["content"], t) if judged else {"gold": None, "flaws": []} for p, t in zip(prompts, texts)]
+    temperature = gen.temperature or 1.0  # greedy responses: the KL of the untempered distributions
+    lp = response_logprobs(model, pairs, temperature, tok.pad_token_id)
+    ref_lp = response_logprobs(ref, pairs, temperature, tok.pad_token_id)
+    mean = lambda xs: sum(xs) / max(len(xs), 1)
+    metrics = {"kl": mean([a - b for a, b in zip(lp, ref_lp)]),
+               "response_length": mean([len(r) for _, r in pairs]),
+               "eos_rate": mean([bool(r) and r[-1] == tok.eos_token_id for _, r in pairs])}
+    if rm:
+        metrics["reward_mean"] = mean(scores)
+    samples = [{"prompt": p[-1]["content"], "response": t, "reward": s, **v}
+               for p, t, s, v in zip(prompts, texts, scores, verdicts)]
+    if judged:
+        metrics.update(gold_score=mean([s["gold"] for s in samples]), **flaw_rates(samples))
+    return metrics, samples
+
+
+def evaluate_against_start(run, policy, reference, tok, rm: RewardModel | None, rows: list[dict],
+                           gen: GenerationEvalConfig) -> dict:
+    """The tuned policy and its start (the reference) on the same held-out prompts, sampled with the same noise:
+    metrics of the policy, baseline_* of the start, gold_gain with its interval on the demo; the sample table
+    and the log lines. Main process only."""
+    judged = run.cfg.data.kind == "demo"
+    name = run.stage.upper()
+    after, samples = evaluate_policy(policy, reference, tok, rm, rows, gen, judged, f"Scoring the {name} policy")
+    before, base_samples = evaluate_policy(reference, reference, tok, rm, rows, gen, judged,
+                                           "Scoring the SFT policy")
+    metrics = {**after, **{f"baseline_{k}": v for k, v in before.items()}}
+    if judged:
+        metrics.update(gold_gain([s["gold"] for s in base_samples], [s["gold"] for s in samples]))
+    write_samples(run, base_samples, samples)
+    reward = (f"reward {metrics['baseline_reward_mean']:.3f} -> {metrics['reward_mean']:.3f}; "
+              if rm else "")
+    gain = f" (gain {with_interval(metrics, 'gold_gain')}, 95%)" if judged else ""
+    run.log(f"{reward}gold {metrics.get('baseline_gold_score', math.nan):.3f} -> "
+            f"{metrics.get('gold_score', math.nan):.3f}{gain}; KL {metrics['kl']:.3f}; length "
+            f"{metrics['response_length']:.1f}; eos rate {metrics['eos_rate']:.2f}")
+    if judged:
+        run.log(f"flaw rates SFT -> {name}: " + ", ".join(
+            f"{c} {metrics[f'baseline_flaw_rate/{c}']:.3f} -> {metrics[f'flaw_rate/{c}']:.3f}" for c in demo.FLAWS))
+    return metrics
+
+
+def write_samples(run, before: list[dict], after: list[dict], n: int = 20) -> None:
+    """The start's and the tuned policy's responses to the same held-out prompts, side by side (jsonl, markdown,
+    wandb table); the tuned policy's columns are named by the stage (ppo, dpo, grpo, rloo)."""
+    tuned = run.stage
+    rows = [{"prompt": a["prompt"], "sft": b["response"], tuned: a["response"], "sft_reward": b["reward"],
+             f"{tuned}_reward": a["reward"], "sft_gold": b["gold"], f"{tuned}_gold": a["gold"]}
+            for b, a in zip(before, after)]
+    out = Path(run.entry.path)
+    with open(out / "samples.jsonl", "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    cell = lambda s: str(s).replace("|", "/").replace("\n", " ")
+    pair = lambda a, b: f" {a:.2f} → {b:.2f} |" if a is not None else ""
+    rewarded, judged = rows[0]["sft_reward"] is not None, rows[0]["sft_gold"] is not None
+    name = tuned.upper()
+    lines = [f"| prompt | SFT | {name} |" + (f" reward SFT → {name} |" if rewarded else "")
+             + (f" gold SFT → {name} |" if judged else ""),
+             "|---|---|---|" + ("---|" if rewarded else "") + ("---|" if judged else "")]
+    lines += [f"| {cell(r['prompt'][-160:])} | {cell(r['sft'])} | {cell(r[tuned])} |"
+              + pair(r["sft_reward"], r[f"{tuned}_reward"]) + pair(r["sft_gold"], r[f"{tuned}_gold"])
+              for r in rows[:n]]
+    (out / "samples.md").write_text("\n".join(lines) + "\n")
+    if run.report_to == "wandb":
+        import wandb
+        wandb.log({"samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows[:n]])})

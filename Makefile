@@ -29,7 +29,7 @@ else
 endif
 LAUNCH := $(VENV)/bin/accelerate launch --quiet $(LAUNCH_FLAGS) -m
 
-.PHONY: install pretrain sft reward ppo dpo grpo rlhf all report test test-all test-faults bench registry clean-venv
+.PHONY: install pretrain sft reward ppo dpo grpo rlhf all compare report test test-all test-faults bench registry clean-venv
 
 install: $(STAMP)
 
@@ -63,8 +63,15 @@ rlhf: reward ppo
 
 # The whole pipeline as one run: every stage under one PIPELINE_ID (its wandb group), each finding its
 # input in the registry, then the summary table and the report (PIPELINE_HOME/pipelines/PIPELINE_ID/).
+# STAGES="pretrain sft reward ppo dpo grpo rloo" adds the other alignment methods, compared in the report.
+STAGES ?= pretrain sft reward ppo
 all: install
-	$(PY) -m pipeline.all --launch "$(LAUNCH)" -- $(ARGS)
+	$(PY) -m pipeline.all --launch "$(LAUNCH)" --stages "$(STAGES)" -- $(ARGS)
+
+# The alignment entries tuned from one SFT entry, side by side: SFT=sft:latest (a table and gold_by_method.png).
+SFT ?= sft:latest
+compare: install
+	$(PY) -m pipeline.compare $(SFT)
 
 # The report of a pipeline run: PIPELINE_ID=... (default: the newest).
 report: install

@@ -2,6 +2,7 @@
 their wandb group), each finding its input in the registry; then the run's report.
 
     python -m pipeline.all --launch "accelerate launch --num_processes 1 -m" -- experiment=ci
+    python -m pipeline.all --stages "pretrain sft reward ppo dpo grpo rloo" -- experiment=ci   (make all STAGES=...)
 
 The overrides after `--` go to every stage that has their key (a pretraining one, such as model=medium or
 tokenizer.vocab_size=8192, to pretraining alone). A stage that fails stops the pipeline, named, with its exit status;
@@ -19,28 +20,38 @@ import time
 
 from pipeline.config import overrides_for
 
-# (make target, module) of each stage, in order
-STAGES = (("pretrain", "stages.pretrain"), ("sft", "stages.sft"), ("reward", "reward_model.train"),
-          ("ppo", "stages.ppo"))
+# Each stage a pipeline can run: (make target, module, its own overrides). rloo is make grpo's other algorithm.
+STAGES = {"pretrain": ("pretrain", "stages.pretrain", []), "sft": ("sft", "stages.sft", []),
+          "reward": ("reward", "reward_model.train", []), "ppo": ("ppo", "stages.ppo", []),
+          "dpo": ("dpo", "stages.dpo", []), "grpo": ("grpo", "stages.grpo", []),
+          "rloo": ("grpo", "stages.grpo", ["algorithm=rloo"])}
+DEFAULT_STAGES = ("pretrain", "sft", "reward", "ppo")
 
 
 def new_pipeline_id() -> str:
     return time.strftime("pipeline-%Y%m%d-%H%M%S", time.gmtime())
 
 
-def run_pipeline(launch: list[str], overrides: list[str], env: dict | None = None, runner=subprocess.call) -> int:
+def run_pipeline(launch: list[str], overrides: list[str], env: dict | None = None, runner=subprocess.call,
+                 stages: tuple[str, ...] = DEFAULT_STAGES) -> int:
     """Each stage as `launch + [module] + overrides`, in order, under one PIPELINE_ID; then the report.
     Returns 0, or the exit status of the first stage that failed."""
+    unknown = [s for s in stages if s not in STAGES]
+    if unknown:
+        print(f"error: unknown stage(s) {unknown}; the stages are {', '.join(STAGES)}", file=sys.stderr)
+        return 2
     env = dict(os.environ if env is None else env)
     env["PIPELINE_ID"] = env.get("PIPELINE_ID") or new_pipeline_id()
     print(f"Pipeline run {env['PIPELINE_ID']}", flush=True)
-    for i, (target, module) in enumerate(STAGES):
-        cmd = [*launch, module, *overrides_for(target, overrides)]
+    for i, name in enumerate(stages):
+        target, module, own = STAGES[name]
+        cmd = [*launch, module, *overrides_for(target, overrides), *own]
         print(shlex.join(cmd), flush=True)
         status = runner(cmd, env=env)
         if status:
-            rest = " then ".join(f"make {t}" for t, _ in STAGES[i:])
-            print(f"error: the pipeline {env['PIPELINE_ID']} stopped at its {target} stage ({module}, exit status "
+            rest = " then ".join(f"make {STAGES[s][0]}" + (f' ARGS="{" ".join(STAGES[s][2])}"' if STAGES[s][2] else "")
+                                 for s in stages[i:])
+            print(f"error: the pipeline {env['PIPELINE_ID']} stopped at its {name} stage ({module}, exit status "
                   f"{status}); the stages before it are complete in the registry. Fix what the stage's message "
                   f"names, then continue with {rest} (PIPELINE_ID={env['PIPELINE_ID']} keeps them in this run).",
                   file=sys.stderr, flush=True)
@@ -52,9 +63,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pipeline.all", description=__doc__.split("\n")[0])
     parser.add_argument("--launch", default=f"{shlex.quote(sys.executable)} -m",
                         help="the command that runs a stage module, up to its name (default: this python -m)")
+    parser.add_argument("--stages", default=" ".join(DEFAULT_STAGES),
+                        help=f"the stages to run, in order (of: {', '.join(STAGES)}; default: %(default)s)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every stage (after --)")
     args = parser.parse_args(argv)
-    return run_pipeline(shlex.split(args.launch), args.overrides)
+    return run_pipeline(shlex.split(args.launch), args.overrides, stages=tuple(args.stages.split()))
 
 
 if __name__ == "__main__":

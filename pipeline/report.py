@@ -4,7 +4,9 @@
     python -m pipeline.report PIPELINE_ID      # a given one (make report PIPELINE_ID=...)
 
 A pipeline run is what `make all` starts under one PIPELINE_ID: its entries carry that id. The report goes
-to <registry root>/pipelines/<PIPELINE_ID>/: report.md, loss_<stage>.png, ppo.png, summary.txt.
+to <registry root>/pipelines/<PIPELINE_ID>/: report.md, loss_<stage>.png, <stage>_curves.png for the online
+alignment stages, gold_by_method.png and the comparison table when the run tuned its SFT model with more than
+one alignment method, summary.txt.
 """
 from __future__ import annotations
 
@@ -14,9 +16,10 @@ import sys
 from datetime import datetime
 from pathlib import Path
 
+from pipeline.compare import write_comparison
 from pipeline.errors import PipelineError
 from pipeline.evaluation import with_interval
-from pipeline.registry import STAGES, Entry, Registry
+from pipeline.registry import ALIGNMENT_STAGES, STAGES, Entry, Registry
 from pipeline.run import LOG_HISTORY
 
 # What the summary shows of each stage, in order.
@@ -24,8 +27,12 @@ SUMMARY_METRICS = {
     "pretrain": ("initial_eval_loss", "eval_loss", "perplexity"),
     "sft": ("eval_loss", "baseline_gold_score", "gold_score", "gold_gain"),
     "reward": ("eval_accuracy", "eval_margin", "score_std"),
-    "ppo": ("baseline_reward_mean", "reward_mean", "baseline_gold_score", "gold_score", "gold_gain", "kl"),
+    **{stage: ("baseline_reward_mean", "reward_mean", "baseline_gold_score", "gold_score", "gold_gain", "kl")
+       for stage in ("ppo", "grpo", "rloo")},
+    "dpo": ("implicit_reward_accuracy", "baseline_gold_score", "gold_score", "gold_gain", "kl"),
 }
+# What the online alignment stages log, per update: (reward, KL to the start).
+CURVES = {"ppo": ("objective/scores", "objective/kl"), "grpo": ("reward", "kl"), "rloo": ("reward", "kl")}
 
 
 def pipeline_dir(registry: Registry, pipeline_id: str) -> Path:
@@ -98,28 +105,32 @@ def plot_training(e: Entry, out: Path) -> Path | None:
     return path
 
 
-def plot_ppo(e: Entry, out: Path) -> Path | None:
-    """Reward-model score, KL to the reference and (on the demo) the gold score over PPO updates."""
+def plot_policy(e: Entry, out: Path) -> Path | None:
+    """Reward, KL to the reference and (on the demo) the gold score over the updates of PPO, GRPO or RLOO."""
     import matplotlib.pyplot as plt
 
-    history = read_json(Path(e.path) / "ppo_history.json") or {}
-    log = [h for h in history.get("log", []) if "objective/scores" in h]
+    reward_key, kl_key = CURVES[e.stage]
+    history = read_json(Path(e.path) / f"{e.stage}_history.json") or {}
+    log = [h for h in history.get("log", []) if reward_key in h]
     if not log:
         return None
     gold = history.get("gold", [])
-    panels = [("objective/scores", "reward-model score (normalized)"), ("objective/kl", "KL to the SFT policy")]
-    fig, axes = plt.subplots(1, len(panels) + bool(gold), figsize=(5 * (len(panels) + bool(gold)), 3.6))
-    for ax, (key, label) in zip(axes, panels):
-        ax.plot([h["step"] for h in log], [h[key] for h in log], marker=".")
-        ax.set(xlabel="PPO update", ylabel=label, title=label)
+    panels = [(reward_key, "reward" + (" (normalized)" if e.stage == "ppo" else "")), (kl_key, "KL to the SFT policy")]
+    panels = [(k, label) for k, label in panels if any(k in h for h in log)]
+    fig, axes = plt.subplots(1, len(panels) + bool(gold), figsize=(5 * (len(panels) + bool(gold)), 3.6),
+                             squeeze=False)
+    name = e.stage.upper()
+    for ax, (key, label) in zip(axes[0], panels):
+        ax.plot([h["step"] for h in log if key in h], [h[key] for h in log if key in h], marker=".")
+        ax.set(xlabel=f"{name} update", ylabel=label, title=label)
         ax.grid(alpha=0.3)
     if gold:
-        ax = axes[-1]
+        ax = axes[0][-1]
         ax.plot([g["step"] for g in gold], [g["gold_score"] for g in gold], marker="o", color="tab:green")
-        ax.set(xlabel="PPO update", ylabel="gold score", title="gold score (held-out prompts, never trained on)")
+        ax.set(xlabel=f"{name} update", ylabel="gold score", title="gold score (held-out prompts, never trained on)")
         ax.grid(alpha=0.3)
     fig.tight_layout()
-    path = out / "ppo.png"
+    path = out / ("ppo.png" if e.stage == "ppo" else f"{e.stage}_curves.png")
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
@@ -164,6 +175,18 @@ def write_report(registry: Registry, pipeline_id: str) -> Path:
         lines += ["## The demo's flaw classes", "", "Reward-model accuracy on held-out pairs whose rejected response "
                   "has the class, and the share of sampled held-out responses that show it (the demo's detectors).",
                   "", flaws, ""]
+    aligned = [e for e in entries if e.stage in ALIGNMENT_STAGES and e.status == "complete"]
+    sft = next((e for e in entries if e.stage == "sft" and e.status == "complete"), None)
+    if sft is not None and len([e for e in aligned if sft.id in e.parents]) > 1:
+        table, plot = write_comparison([e for e in aligned if sft.id in e.parents], out / "comparison",
+                                       f"Alignment methods from {sft.id}")
+        lines += ["## Alignment methods side by side", "",
+                  f"Each tuned from `{sft.id}`; gold on the same held-out prompts, each gain against that SFT start "
+                  f"sampled as the method samples (95% paired bootstrap interval); flaw rates SFT → tuned. An "
+                  f"oracle entry trained on the demo's own judge: the upper bound of what RL reaches here, not a "
+                  f"method to compare as one.", "", table, ""]
+        if plot is not None:
+            lines += [f"![gold by method](comparison/{plot.name})", ""]
     for e in entries:
         lines += [f"## {e.stage}: `{e.id}` ({e.status})", ""]
         if e.parents:
@@ -175,12 +198,13 @@ def write_report(registry: Registry, pipeline_id: str) -> Path:
             lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"
                       for k, v in sorted(e.metrics.items())]
             lines.append("")
-        for plot in (plot_training(e, out), plot_ppo(e, out) if e.stage == "ppo" else None):
+        for plot in (plot_training(e, out), plot_policy(e, out) if e.stage in CURVES else None):
             if plot is not None:
                 lines += [f"![{plot.stem}]({plot.name})", ""]
         samples = Path(e.path) / "samples.md"
-        if e.stage == "ppo" and samples.exists():
-            lines += ["### SFT and PPO responses to the same held-out prompts", "", samples.read_text(), ""]
+        if e.stage in ALIGNMENT_STAGES and samples.exists():
+            lines += [f"### SFT and {e.stage.upper()} responses to the same held-out prompts", "", samples.read_text(),
+                      ""]
     page = out / "report.md"
     page.write_text("\n".join(lines))
     return page

@@ -2,7 +2,7 @@
 import re
 import sys
 
-from pipeline.all import STAGES, main, run_pipeline
+from pipeline.all import DEFAULT_STAGES, STAGES, main, run_pipeline
 
 
 class Recorder:
@@ -20,8 +20,9 @@ def test_stages_run_in_order_with_the_overrides_then_the_report():
     runner = Recorder()
     assert run_pipeline(["accelerate", "launch", "-m"], ["experiment=ci", "seed=3"], {}, runner) == 0
     cmds = [c for c, _ in runner.calls]
-    assert cmds[:4] == [["accelerate", "launch", "-m", m, "experiment=ci", "seed=3"] for _, m in STAGES]
-    assert [m for _, m in STAGES] == ["stages.pretrain", "stages.sft", "reward_model.train", "stages.ppo"]
+    modules = [STAGES[s][1] for s in DEFAULT_STAGES]
+    assert cmds[:4] == [["accelerate", "launch", "-m", m, "experiment=ci", "seed=3"] for m in modules]
+    assert modules == ["stages.pretrain", "stages.sft", "reward_model.train", "stages.ppo"]
     ids = {i for _, i in runner.calls}
     assert len(ids) == 1 and re.fullmatch(r"pipeline-\d{8}-\d{6}", ids.pop())
     assert cmds[4] == [sys.executable, "-m", "pipeline.report", runner.calls[0][1]]
@@ -44,11 +45,24 @@ def test_a_failed_stage_stops_the_pipeline_with_the_stage_named(capsys):
 
 def test_the_command_line_splits_the_launcher_and_passes_the_overrides(monkeypatch):
     seen = []
-    monkeypatch.setattr("pipeline.all.run_pipeline", lambda launch, overrides: seen.append((launch, overrides)) or 0)
+    monkeypatch.setattr("pipeline.all.run_pipeline",
+                        lambda launch, overrides, stages: seen.append((launch, overrides, stages)) or 0)
     assert main(["--launch", ".venv/bin/accelerate launch --num_processes 2 -m", "--", "experiment=ci",
                  "trainer.max_steps=5"]) == 0
     assert seen == [([".venv/bin/accelerate", "launch", "--num_processes", "2", "-m"],
-                     ["experiment=ci", "trainer.max_steps=5"])]
+                     ["experiment=ci", "trainer.max_steps=5"], DEFAULT_STAGES)]
+
+
+def test_the_other_alignment_methods_join_a_pipeline_and_rloo_is_grpos_algorithm(capsys):
+    runner = Recorder(fail_at="stages.dpo")
+    assert run_pipeline(["python", "-m"], ["experiment=ci", "grpo.beta=0.1"], {"PIPELINE_ID": "pipeline-y"}, runner,
+                        stages=("rloo", "dpo", "grpo")) == 2
+    cmds = [c for c, _ in runner.calls]
+    assert cmds[0] == ["python", "-m", "stages.grpo", "experiment=ci", "grpo.beta=0.1", "algorithm=rloo"]
+    assert cmds[1] == ["python", "-m", "stages.dpo", "experiment=ci"] and len(cmds) == 2
+    assert "make dpo then make grpo" in capsys.readouterr().err
+    assert run_pipeline(["python", "-m"], [], {}, Recorder(), stages=("pretrain", "dpo0")) == 2
+    assert "unknown stage(s) ['dpo0']" in capsys.readouterr().err
 
 
 def test_each_stage_gets_the_overrides_its_config_has():

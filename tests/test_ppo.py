@@ -11,7 +11,8 @@ from pipeline import demo
 from pipeline.errors import PipelineError
 from pipeline.run import StageRun
 from pipeline.tokenizer import train_bpe
-from stages.ppo import KLBudget, Standardize, check_handoff, ppo_arguments
+from pipeline.alignment import KLBudget, Standardize, check_handoff
+from stages.ppo import ppo_arguments
 
 
 @pytest.fixture(scope="module")
@@ -78,7 +79,7 @@ def test_rewards_are_normalised_with_the_stored_statistics():
 
 
 def test_kl_budget_stops_and_records():
-    cb = KLBudget(5.0)
+    cb = KLBudget(5.0, "objective/kl")
     state = SimpleNamespace(global_step=7)
     cb.on_log(None, state, None, logs={"objective/kl": 4.0})
     assert cb.fired_at is None

@@ -1,0 +1,151 @@
+"""DPO, GRPO and RLOO on the registry: reward functions, the oracle, the wiring into TRL, and the real commands at
+micro sizes (lineage, a reward model combined with functions, bad input)."""
+import json
+from pathlib import Path
+
+import pytest
+
+from pipeline import demo
+from pipeline.errors import PipelineError
+from pipeline.rewards import demo_oracle, no_repeated_sentences, resolve_reward_function
+from tests.conftest import copy_registry, make, registry_entries
+
+
+def compose(stage: str, overrides=()):
+    from hydra import compose as hydra_compose, initialize_config_dir
+    from pipeline.config import validate
+    from tests.test_sft import CONF
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        return validate(hydra_compose(config_name=stage, overrides=["experiment=ci", *overrides]))
+
+
+def test_the_oracle_is_the_demo_judge_in_trls_signature():
+    [row] = demo.generate_prompts(1, 3, heldout=True)
+    prompt, good = row["prompt"], row["reference"]
+    flawed = demo.make_flawed(__import__("random").Random(0), prompt[-1]["content"], good, "unhelpful")
+    scores = demo_oracle([prompt, prompt], [[{"role": "assistant", "content": good}],
+                                            [{"role": "assistant", "content": flawed}]], task=["x", "x"])
+    assert scores == [demo.gold_score(prompt[-1]["content"], good), demo.gold_score(prompt[-1]["content"], flawed)]
+    assert scores[0] > scores[1]
+    assert demo_oracle(["plain prompt"], ["plain text"]) == [demo.gold_score("plain prompt", "plain text")]
+
+
+def test_no_repeated_sentences_counts_repeats():
+    assert no_repeated_sentences([None, None], ["Tom ran. Mia sat.", "Tom ran. Tom ran. Mia sat. Tom ran."]) == \
+        [0.0, -0.5]
+
+
+@pytest.mark.parametrize("name, expect", [
+    ("no_such_module_xyz:f", "cannot import module 'no_such_module_xyz'"),
+    ("pipeline.rewards:nothing_here", "has no function 'nothing_here'"),
+    ("just_a_name", "give it as module:function"),
+])
+def test_a_bad_reward_function_is_named(name, expect):
+    with pytest.raises(PipelineError, match=expect) as e:
+        resolve_reward_function(name)
+    assert name in str(e.value)
+    assert resolve_reward_function("demo_oracle") is demo_oracle
+
+
+def test_reward_sources_and_weights():
+    assert compose("grpo").reward_model == "reward:latest"  # the default: the reward model alone
+    assert compose("grpo", ["reward_functions=[demo_oracle]"]).reward_model is None  # functions alone
+    both = compose("grpo", ["reward_model=reward:latest", "reward_functions=[demo_oracle]", "reward_weights=[1,2]"])
+    assert both.reward_model == "reward:latest" and list(both.reward_weights) == [1, 2]
+    with pytest.raises(PipelineError, match="reward_weights needs 2 weights"):
+        compose("grpo", ["reward_model=reward:latest", "reward_functions=[demo_oracle]", "reward_weights=[1]"])
+    with pytest.raises(PipelineError, match="algorithm must be one of"):
+        compose("grpo", ["algorithm=ppo"])
+
+
+def test_the_stage_wires_its_settings_into_trl(tmp_path):
+    from pipeline.run import StageRun, trainer_arguments
+    from stages.grpo import trainer_class
+    from trl import GRPOTrainer, RLOOConfig, RLOOTrainer
+
+    cfg = compose("grpo", ["grpo.beta=0.07", "grpo.num_generations=4", "grpo.temperature=0.9",
+                           "reward_functions=[demo_oracle]", "reward_weights=[0.5]"])
+    cls, make_args = trainer_class(cfg)
+    args = make_args(**trainer_arguments(cfg.trainer, StageRun.standalone("grpo", cfg, tmp_path)))
+    assert cls is GRPOTrainer and args.beta == 0.07 and args.num_generations == 4 and args.temperature == 0.9
+    assert args.max_completion_length == cfg.grpo.max_completion_length and args.reward_weights == [0.5]
+    assert args.loss_type == cfg.grpo.loss_type and args.learning_rate == cfg.trainer.learning_rate
+    cfg = compose("grpo", ["algorithm=rloo"])
+    cls, make_args = trainer_class(cfg)
+    args = make_args(**trainer_arguments(cfg.trainer, StageRun.standalone("rloo", cfg, tmp_path / "r")))
+    assert cls is RLOOTrainer and isinstance(args, RLOOConfig) and args.beta == cfg.grpo.beta
+    # evaluation samples as the policy was trained to (one temperature, one length)
+    assert cfg.eval.temperature == cfg.grpo.temperature and cfg.eval.max_new_tokens == cfg.grpo.max_completion_length
+
+
+# --- the real commands, at micro sizes ------------------------------------------------------------------------
+
+TINY = "experiment=ci eval.num_prompts=8 trainer.max_steps=4"
+GAIN = ("gold_score", "baseline_gold_score", "gold_gain", "gold_gain_ci_low", "gold_gain_ci_high", "kl",
+        "response_length", "eos_rate")
+
+
+def new_entries(home: Path, before: set) -> list[dict]:
+    return [e for e in registry_entries(home) if e["id"] not in before]
+
+
+@pytest.mark.slow
+def test_dpo_from_sft_and_its_bad_pairs(ci_fine_tuned, tmp_path):
+    home = copy_registry(ci_fine_tuned, tmp_path)
+    [sft] = registry_entries(home, "sft")
+    r = make("dpo", home, TINY)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    [e] = registry_entries(home, "dpo")
+    assert e["status"] == "complete" and e["parents"] == [sft["id"]]
+    m = e["metrics"]
+    assert all(k in m for k in GAIN) and m["global_step"] == 4
+    assert m["gold_gain_ci_low"] <= m["gold_gain"] <= m["gold_gain_ci_high"]
+    assert m["kl"] > 0 and m["baseline_kl"] == 0  # the policy moved away from its start, the start did not
+    assert 0 <= m["implicit_reward_accuracy"] <= 1 and "reward_mean" not in m  # no reward model involved
+    rows = [json.loads(l) for l in open(Path(e["path"]) / "samples.jsonl")]
+    assert len(rows) == 8 and {"sft", "dpo", "sft_gold", "dpo_gold"} <= set(rows[0])
+    # a pairs file with a missing field: named with its row, exit 2, nothing complete, the SFT entry untouched
+    pairs = tmp_path / "pairs.jsonl"
+    good = {"prompt": "Is tea good?", "chosen": "Yes.", "rejected": "No."}
+    pairs.write_text("\n".join(json.dumps(x) for x in [good] * 5 + [{"prompt": "Hi?", "chosen": "Hello."}] + [good]))
+    before = {x["id"] for x in registry_entries(home)}
+    r = make("dpo", home, f"{TINY} data=local data.path={pairs}")
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "row 6" in out and "rejected" in out and "Traceback" not in out, out[-2000:]
+    assert not [x for x in new_entries(home, before) if x["status"] == "complete"]
+    assert [x["status"] for x in registry_entries(home, "sft")] == ["complete"]
+
+
+@pytest.mark.slow
+def test_grpo_and_rloo_with_a_reward_model_and_functions(ci_fine_tuned, tmp_path):
+    home = copy_registry(ci_fine_tuned, tmp_path)
+    [sft] = registry_entries(home, "sft")
+    # a reward function that cannot be imported: named, exit 2, no entry at all
+    r = make("grpo", home, f"{TINY} reward_functions=[no_such_module_xyz:score]")
+    out = r.stdout + r.stderr
+    assert r.returncode == 2 and "no_such_module_xyz" in out and "Traceback" not in out, out[-2000:]
+    assert not registry_entries(home, "grpo")
+    r = make("reward", home, "experiment=ci trainer.max_steps=10")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    [rw] = registry_entries(home, "reward")
+
+    # the reward model and a function together, weighed
+    r = make("grpo", home, f"{TINY} reward_model=reward:latest "
+                           f"reward_functions=[pipeline.rewards:no_repeated_sentences] reward_weights=[1.0,2.0]")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    [e] = registry_entries(home, "grpo")
+    assert e["status"] == "complete" and sorted(e["parents"]) == sorted([sft["id"], rw["id"]])
+    m = e["metrics"]
+    assert all(k in m for k in GAIN + ("reward_mean", "baseline_reward_mean")) and m["oracle"] is False
+    history = json.load(open(Path(e["path"]) / "grpo_history.json"))["log"]
+    assert len(history) == 4
+    sources = {k for h in history for k in h if k.startswith("rewards/") and k.endswith("/mean")}
+    assert any("no_repeated_sentences" in k for k in sources) and len(sources) == 2, sources
+
+    # RLOO against the oracle alone: its own stage, the SFT parent only, marked oracle
+    r = make("grpo", home, f"{TINY} algorithm=rloo reward_functions=[demo_oracle]")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert "oracle" in r.stdout
+    [e] = registry_entries(home, "rloo")
+    assert e["status"] == "complete" and e["parents"] == [sft["id"]]
+    assert e["metrics"]["oracle"] is True and "reward_mean" not in e["metrics"]

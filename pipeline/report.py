@@ -176,12 +176,13 @@ def write_report(registry: Registry, pipeline_id: str) -> Path:
                   "has the class, and the share of sampled held-out responses that show it (the demo's detectors).",
                   "", flaws, ""]
     aligned = [e for e in entries if e.stage in ALIGNMENT_STAGES and e.status == "complete"]
-    sft = next((e for e in entries if e.stage == "sft" and e.status == "complete"), None)
-    if sft is not None and len([e for e in aligned if sft.id in e.parents]) > 1:
-        table, plot = write_comparison([e for e in aligned if sft.id in e.parents], out / "comparison",
-                                       f"Alignment methods from {sft.id}")
+    starts = [p for e in aligned for p in e.parents if p.startswith("sft-")]
+    sft_id = max(set(starts), key=starts.count) if starts else None
+    if sft_id and starts.count(sft_id) > 1:
+        compared = [e for e in aligned if sft_id in e.parents]
+        table, plot = write_comparison(compared, out / "comparison", f"Alignment methods from {sft_id}")
         lines += ["## Alignment methods side by side", "",
-                  f"Each tuned from `{sft.id}`; gold on the same held-out prompts, each gain against that SFT start "
+                  f"Each tuned from `{sft_id}`; gold on the same held-out prompts, each gain against that SFT start "
                   f"sampled as the method samples (95% paired bootstrap interval); flaw rates SFT → tuned. An "
                   f"oracle entry trained on the demo's own judge: the upper bound of what RL reaches here, not a "
                   f"method to compare as one.", "", table, ""]

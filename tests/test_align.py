@@ -131,7 +131,8 @@ def test_grpo_and_rloo_with_a_reward_model_and_functions(ci_fine_tuned, tmp_path
 
     # the reward model and a function together, weighed
     r = make("grpo", home, f"{TINY} reward_model=reward:latest "
-                           f"reward_functions=[pipeline.rewards:no_repeated_sentences] reward_weights=[1.0,2.0]")
+                           f"reward_functions=[pipeline.rewards:no_repeated_sentences] reward_weights=[1.0,2.0]",
+             PIPELINE_ID="pipeline-align")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     [e] = registry_entries(home, "grpo")
     assert e["status"] == "complete" and sorted(e["parents"]) == sorted([sft["id"], rw["id"]])
@@ -143,9 +144,23 @@ def test_grpo_and_rloo_with_a_reward_model_and_functions(ci_fine_tuned, tmp_path
     assert any("no_repeated_sentences" in k for k in sources) and len(sources) == 2, sources
 
     # RLOO against the oracle alone: its own stage, the SFT parent only, marked oracle
-    r = make("grpo", home, f"{TINY} algorithm=rloo reward_functions=[demo_oracle]")
+    r = make("grpo", home, f"{TINY} algorithm=rloo reward_functions=[demo_oracle]", PIPELINE_ID="pipeline-align")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     assert "oracle" in r.stdout
     [e] = registry_entries(home, "rloo")
     assert e["status"] == "complete" and e["parents"] == [sft["id"]]
     assert e["metrics"]["oracle"] is True and "reward_mean" not in e["metrics"]
+
+    # the pipeline run's report compares the two, the oracle labelled as the upper bound
+    r = make("report", home, PIPELINE_ID="pipeline-align")
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    out = home / "pipelines" / "pipeline-align"
+    page = (out / "report.md").read_text()
+    table = page[page.index("## Alignment methods side by side"):]
+    rows = [l for l in table.splitlines() if l.startswith("| GRPO") or l.startswith("| RLOO")]
+    assert len(rows) == 2 and "oracle: upper bound" in rows[1] and "oracle" not in rows[0]
+    assert f"{e['metrics']['gold_gain']:+.3f} [{e['metrics']['gold_gain_ci_low']:+.3f}, " in rows[1]
+    assert (out / "comparison" / "gold_by_method.png").read_bytes()[:4] == b"\x89PNG"
+    assert "](comparison/gold_by_method.png)" in page and "grpo_curves.png" in page
+    r = make("compare", home)  # the same table for any SFT entry
+    assert r.returncode == 0 and "| RLOO (demo_oracle, oracle: upper bound) |" in r.stdout, r.stdout[-2000:]

@@ -11,7 +11,7 @@ from pipeline.config import register_schemas, validate
 from pipeline.errors import PipelineError
 
 CONF = Path(__file__).resolve().parent.parent / "conf"
-PRIMARY = ["pretrain", "sft", "reward", "ppo"]
+PRIMARY = ["pretrain", "sft", "reward", "ppo", "dpo", "grpo"]
 # Options that need a value the user supplies.
 REQUIRED = {("model", "hub"): ["model.name_or_path=org/model"], ("data", "local"): ["data.path=corpus.txt"]}
 
@@ -62,7 +62,7 @@ def test_ci_experiment_is_micro():
     assert validate(compose_cfg("pretrain", ["experiment=ci", "model.hidden_size=256"])).model.hidden_size == 256
 
 
-@pytest.mark.parametrize("stage", ["sft", "reward", "ppo"])
+@pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "dpo", "grpo"])
 def test_a_finetuning_stage_holds_only_the_keys_it_reads(stage):
     """No architecture or BPE section after pretraining (the model comes from init_from); eval where it generates."""
     cfg = OmegaConf.to_container(compose_cfg(stage, ["experiment=ci"]))

@@ -153,6 +153,10 @@ def evaluate_against_start(run, policy, reference, tok, rm: RewardModel | None, 
     and the log lines. Main process only."""
     judged = run.cfg.data.kind == "demo"
     name = run.stage.upper()
+    if not rows:
+        run.warn("no held-out prompts to evaluate on (pairs without a prompt field): the entry has no "
+                 "figures of the tuned policy's responses")
+        return {}
     after, samples = evaluate_policy(policy, reference, tok, rm, rows, gen, judged, f"Scoring the {name} policy")
     before, base_samples = evaluate_policy(reference, reference, tok, rm, rows, gen, judged,
                                            "Scoring the SFT policy")

@@ -46,15 +46,17 @@ def inputs(cfg: GRPOStageConfig, registry: Registry) -> dict:
     return out
 
 
-def trainer_class(cfg: GRPOStageConfig):
-    """(trainer, its config) for the algorithm, the config built from the grpo and trainer sections."""
+def trainer_and_args(run: StageRun):
+    """(TRL trainer class, its config) for the algorithm, built from the grpo and trainer sections."""
+    cfg: GRPOStageConfig = run.cfg
     g = cfg.grpo
-    common = dict(num_generations=g.num_generations, max_completion_length=g.max_completion_length,
-                  temperature=g.temperature, beta=g.beta, epsilon=g.epsilon, num_iterations=g.num_iterations,
-                  reward_weights=list(cfg.reward_weights) if cfg.reward_weights else None, disable_dropout=True)
+    common = dict(**trainer_arguments(cfg.trainer, run), num_generations=g.num_generations,
+                  max_completion_length=g.max_completion_length, temperature=g.temperature, beta=g.beta,
+                  epsilon=g.epsilon, num_iterations=g.num_iterations, disable_dropout=True,
+                  reward_weights=list(cfg.reward_weights) if cfg.reward_weights else None)
     if cfg.algorithm == "rloo":
-        return RLOOTrainer, lambda **kw: RLOOConfig(**kw, **common)
-    return GRPOTrainer, lambda **kw: GRPOConfig(**kw, **common, loss_type=g.loss_type, scale_rewards=g.scale_rewards)
+        return RLOOTrainer, RLOOConfig(**common)
+    return GRPOTrainer, GRPOConfig(**common, loss_type=g.loss_type, scale_rewards=g.scale_rewards)
 
 
 def grpo(run: StageRun) -> dict:
@@ -88,8 +90,7 @@ def grpo(run: StageRun) -> dict:
     run.log(f"{cfg.algorithm}: {len(train_rows)} training prompts, {len(eval_rows)} held-out prompts; groups of "
             f"{g.num_generations}; rewards: {', '.join([cfg.reward_model] * bool(rm) + list(cfg.reward_functions))}")
 
-    trainer_cls, make_args = trainer_class(cfg)
-    args = make_args(**trainer_arguments(cfg.trainer, run))
+    trainer_cls, args = trainer_and_args(run)
     judged = cfg.data.kind == "demo"
     tracker = GoldTracker(policy, tok, eval_rows[:g.gold_prompts] if judged else [], g.gold_every,
                           g.max_completion_length, cfg.eval.batch_size, "reward", "kl")

@@ -59,20 +59,18 @@ def test_reward_sources_and_weights():
 
 
 def test_the_stage_wires_its_settings_into_trl(tmp_path):
-    from pipeline.run import StageRun, trainer_arguments
-    from stages.grpo import trainer_class
+    from pipeline.run import StageRun
+    from stages.grpo import trainer_and_args
     from trl import GRPOTrainer, RLOOConfig, RLOOTrainer
 
     cfg = compose("grpo", ["grpo.beta=0.07", "grpo.num_generations=4", "grpo.temperature=0.9",
                            "reward_functions=[demo_oracle]", "reward_weights=[0.5]"])
-    cls, make_args = trainer_class(cfg)
-    args = make_args(**trainer_arguments(cfg.trainer, StageRun.standalone("grpo", cfg, tmp_path)))
+    cls, args = trainer_and_args(StageRun.standalone("grpo", cfg, tmp_path))
     assert cls is GRPOTrainer and args.beta == 0.07 and args.num_generations == 4 and args.temperature == 0.9
     assert args.max_completion_length == cfg.grpo.max_completion_length and args.reward_weights == [0.5]
     assert args.loss_type == cfg.grpo.loss_type and args.learning_rate == cfg.trainer.learning_rate
     cfg = compose("grpo", ["algorithm=rloo"])
-    cls, make_args = trainer_class(cfg)
-    args = make_args(**trainer_arguments(cfg.trainer, StageRun.standalone("rloo", cfg, tmp_path / "r")))
+    cls, args = trainer_and_args(StageRun.standalone("rloo", cfg, tmp_path / "r"))
     assert cls is RLOOTrainer and isinstance(args, RLOOConfig) and args.beta == cfg.grpo.beta
     # evaluation samples as the policy was trained to (one temperature, one length)
     assert cfg.eval.temperature == cfg.grpo.temperature and cfg.eval.max_new_tokens == cfg.grpo.max_completion_length

@@ -7,6 +7,7 @@ import json
 import logging
 import math
 import resource
+import os
 import shutil
 import sys
 import time
@@ -19,7 +20,8 @@ import psutil
 import torch
 from accelerate import PartialState
 from accelerate.logging import get_logger
-from accelerate.utils import extract_model_from_parallel
+from accelerate.utils import DistributedType, extract_model_from_parallel
+from torch.distributed.fsdp import FSDPModule
 from omegaconf import DictConfig, OmegaConf
 from peft import PeftModel
 from transformers import TrainerCallback, TrainingArguments, set_seed
@@ -154,6 +156,24 @@ class StepTimer(TrainerCallback):
         return (self.ends[-1] - self.ends[first]) / max(len(self.ends) - 1 - first, 1)
 
 
+class InitialEvalLoss(TrainerCallback):
+    """The eval loss before training, measured by the trainer's own evaluation at the start of training
+    (`eval_on_start`: after the model is prepared, which FSDP2 and DeepSpeed need before any forward) and kept in
+    the entry, so that a resumed run reports it too. Pass `eval_on_start=not InitialEvalLoss.recorded(run)`."""
+
+    def __init__(self, run: "StageRun"):
+        self.run = run
+
+    @staticmethod
+    def recorded(run: "StageRun") -> bool:
+        return "initial_eval_loss" in run.entry.metrics
+
+    def on_evaluate(self, args, state, control, metrics=None, **kwargs):
+        if not self.recorded(self.run):
+            self.run.record(initial_eval_loss=metrics["eval_loss"])
+            self.run.log(f"Eval loss before training: {metrics['eval_loss']:.4f}")
+
+
 def _open_entry(stage: str, cfg, config: dict, parents: list[str], registry: Registry, state, resumable: bool):
     """On the main process: resume the unfinished entry of the same command, or create a new one."""
     if not state.is_main_process:
@@ -269,10 +289,15 @@ def check_data_coverage(run: StageRun, tok, rows: list[dict], model, sample: int
     run.record(**figures)
 
 
-def unwrapped(model):
-    """The plain transformers model of a trained model: LoRA adapters merged in, and the forward without the
-    mixed-precision autocast accelerate wraps it in, so that evaluation runs in fp32 as before training."""
+def unwrapped(model, run: StageRun):
+    """The plain transformers model of a trained model, for the main process to evaluate alone: LoRA adapters
+    merged in, and the forward without the mixed-precision autocast accelerate wraps it in, so that evaluation
+    runs in fp32 as before training. A model sharded across the processes (FSDP) cannot run on one of them: its
+    saved checkpoint, gathered whole, is loaded instead."""
     model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
+    if isinstance(model, FSDPModule):
+        plain = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard's subclass
+        return plain.from_pretrained(run.entry.path, dtype=torch.float32).to(run.state.device)
     return model.merge_and_unload() if is_peft_model(model) else model
 
 
@@ -305,7 +330,8 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
         if state.is_main_process:
             (Path(entry.path) / "pipeline_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             precision = resolved_precision(typed.trainer.mixed_precision)
-            procs = (f"{state.num_processes} process{'es' if state.num_processes > 1 else ''}, {state.device.type}, "
+            procs = (f"{state.num_processes} process{'es' if state.num_processes > 1 else ''}"
+                     f"{', ' + parallelism(state, log) if state.num_processes > 1 else ''}, {state.device.type}, "
                      f"{'fp32' if precision == 'no' else precision + ' autocast'}")
             if resume_from:
                 log.info(f"Resuming {entry.id} from {resume_from} ({procs})")
@@ -346,6 +372,19 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
     except BaseException as e:
         _fail(registry, entry, state, "".join(traceback.format_exception_only(e)).strip() or type(e).__name__)
         raise
+
+
+def parallelism(state, log) -> str:
+    """How the processes share the work, as accelerate set it up; a sharding config it could not honour (FSDP
+    and DeepSpeed need accelerator devices in accelerate) is warned about, not silently replaced."""
+    kind = {DistributedType.FSDP: "FSDP", DistributedType.DEEPSPEED: "DeepSpeed"}.get(state.distributed_type, "DDP")
+    for asked, env in (("FSDP", "ACCELERATE_USE_FSDP"), ("DeepSpeed", "ACCELERATE_USE_DEEPSPEED")):
+        if os.environ.get(env, "false").lower() == "true" and kind != asked:
+            log.warning(
+                f"WARNING: the accelerate config asks for {asked}, but accelerate runs it only on GPUs (or other "
+                f"accelerators); on {state.device.type} every process holds the whole model and trains "
+                f"data-parallel (DDP over {state.backend}).")
+    return kind
 
 
 def _kept_after_failure(run: StageRun, error: Exception) -> dict:

@@ -109,7 +109,7 @@ def reward(run: StageRun) -> dict:
                "steady_seconds_per_step": timer.seconds_per_step()}
     run.record(**metrics)  # kept should the evaluation below fail
     if run.is_main:
-        metrics.update(evaluate_pairs(RewardModel(unwrapped(trainer.model), tok), eval_pairs, eval_classes),
+        metrics.update(evaluate_pairs(RewardModel(unwrapped(trainer.model, run), tok), eval_pairs, eval_classes),
                        initial_eval_accuracy=run.entry.metrics["initial_eval_accuracy"])
         stats = {k: metrics[k] for k in ("score_mean", "score_std")}
         (Path(run.entry.path) / STATS_FILE).write_text(json.dumps(stats, indent=2))

@@ -74,7 +74,7 @@ def dpo(run: StageRun) -> dict:
     run.log(f"held-out pairs: implicit-reward accuracy {metrics['implicit_reward_accuracy']:.3f}, margin "
             f"{metrics['implicit_reward_margin']:.3f}")
     if run.is_main:
-        metrics.update(evaluate_against_start(run, unwrapped(trainer.model), reference, tok, None,
+        metrics.update(evaluate_against_start(run, unwrapped(trainer.model, run), reference, tok, None,
                                               heldout_prompts(cfg, eval_pairs), cfg.eval))
     return metrics
 

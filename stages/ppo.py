@@ -99,7 +99,7 @@ def ppo(run: StageRun) -> dict:
     budget.record(run, metrics)
     run.record(**metrics)  # kept should the evaluation below fail
     if run.is_main:
-        tuned = unwrapped(trainer.model.policy if hasattr(trainer.model, "policy") else trainer.policy_model)
+        tuned = unwrapped(trainer.model.policy if hasattr(trainer.model, "policy") else trainer.policy_model, run)
         metrics.update(evaluate_against_start(run, tuned, reference, tok, rm, eval_rows, cfg.eval))
         history = [h for h in trainer.state.log_history if "objective/scores" in h]
         (Path(run.entry.path) / "ppo_history.json").write_text(json.dumps(

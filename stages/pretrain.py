@@ -22,7 +22,8 @@ from pipeline.config import PretrainStageConfig, register_schemas
 from pipeline.data import extra_tokenizer_text, fingerprint, load_corpus, non_padding_share, pack_into_blocks
 from pipeline.evaluation import copy_rate
 from pipeline.models import build_llama, count_parameters, load_causal_lm, load_tokenizer
-from pipeline.run import StageRun, StepTimer, StopOnNonFiniteLoss, run_stage, save_hf_directory, trainer_arguments
+from pipeline.run import (InitialEvalLoss, StageRun, StepTimer, StopOnNonFiniteLoss, run_stage, save_hf_directory,
+                          trainer_arguments)
 from pipeline.tokenizer import coverage, tokenizer_fingerprint, train_bpe
 
 register_schemas()
@@ -79,17 +80,11 @@ def pretrain(run: StageRun) -> dict:
     run.log(f"Model: {count_parameters(model) / 1e6:.2f}M parameters, vocabulary {len(tok)}")
 
     # --- trainer
-    args = TrainingArguments(**trainer_arguments(cfg.trainer, run))
+    args = TrainingArguments(**trainer_arguments(cfg.trainer, run), eval_on_start=not InitialEvalLoss.recorded(run))
     timer = StepTimer()
     trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
                       data_collator=default_data_collator, processing_class=tok,
-                      callbacks=[StopOnNonFiniteLoss(), timer])
-
-    # --- the loss before training is measured once and kept in the entry, so a resumed run reports it too
-    if "initial_eval_loss" not in run.entry.metrics:
-        run.record(initial_eval_loss=trainer.evaluate()["eval_loss"])
-    run.log(f"Eval loss before training: {run.entry.metrics['initial_eval_loss']:.4f}")
-
+                      callbacks=[StopOnNonFiniteLoss(), timer, InitialEvalLoss(run)])
     result = trainer.train(resume_from_checkpoint=run.resume_from)
     eval_loss = trainer.evaluate()["eval_loss"]
     run.log(f"Eval loss after training: {eval_loss:.4f} (perplexity {math.exp(eval_loss):.2f})")

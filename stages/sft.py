@@ -27,8 +27,8 @@ from pipeline.data import fingerprint, load_sft_data
 from pipeline.evaluation import flaw_rates, gold_eval, gold_gain, with_interval
 from pipeline.models import count_parameters, load_causal_lm, lora_config
 from pipeline.registry import Registry
-from pipeline.run import (StageRun, StopOnNonFiniteLoss, check_data_coverage, run_stage, save_hf_directory,
-                          trainer_arguments, unwrapped)
+from pipeline.run import (InitialEvalLoss, StageRun, StopOnNonFiniteLoss, check_data_coverage, run_stage,
+                          save_hf_directory, trainer_arguments, unwrapped)
 from pipeline.tokenizer import tokenizer_fingerprint
 
 register_schemas()
@@ -62,11 +62,12 @@ def build_trainer(run: StageRun, model, tok, train_rows: list[dict], eval_rows: 
         completion_only_loss=not (conversational or plain_text),
         packing=False,
         dataset_num_proc=None,
+        eval_on_start=not InitialEvalLoss.recorded(run),
     )
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                          eval_dataset=Dataset.from_list(eval_rows), processing_class=tok,
                          peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
-                         callbacks=[StopOnNonFiniteLoss()])
+                         callbacks=[StopOnNonFiniteLoss(), InitialEvalLoss(run)])
     if flat:
         fits = lambda row: len(row["input_ids"]) <= cfg.data.max_length
         n = len(trainer.train_dataset)
@@ -104,8 +105,6 @@ def sft(run: StageRun) -> dict:
         run.entry.metrics.update(_shared_metrics(run, "baseline_gold_score"))
 
     trainer = build_trainer(run, model, tok, train_rows, eval_rows)
-    if "initial_eval_loss" not in run.entry.metrics:
-        run.record(initial_eval_loss=trainer.evaluate()["eval_loss"])
     result = trainer.train(resume_from_checkpoint=run.resume_from)
     eval_loss = trainer.evaluate()["eval_loss"]
     save_hf_directory(trainer, tok, run)
@@ -115,7 +114,7 @@ def sft(run: StageRun) -> dict:
                "train_runtime_s": result.metrics["train_runtime"], "global_step": result.global_step}
     run.record(**metrics)  # kept should the evaluation below fail
     if judged and run.is_main:
-        gold, samples = gold_eval(unwrapped(trainer.model), tok, prompts, cfg.eval, "Scoring the fine-tuned model")
+        gold, samples = gold_eval(unwrapped(trainer.model, run), tok, prompts, cfg.eval, "Scoring the fine-tuned model")
         metrics.update(gold_score=gold, **gold_gain(json.loads(baseline_file.read_text()), [s["gold"] for s in samples]),
                        **{k: v for k, v in run.entry.metrics.items() if k.startswith("baseline_")},
                        **flaw_rates(samples))

@@ -1,5 +1,6 @@
 # One target per stage; each installs first when .venv is missing or out of date.
 #   make pretrain | sft | reward | ppo | dpo | grpo | rlhf | all     ARGS="hydra overrides"  NPROC=N  ACCELERATE_CONFIG=file
+#   make chat MODEL=ppo:latest                                        talk to a checkpoint
 #   make test | test-all | bench | install                TORCH=torch (a CUDA build) on a GPU machine
 
 SHELL := /bin/bash
@@ -29,7 +30,7 @@ else
 endif
 LAUNCH := $(VENV)/bin/accelerate launch --quiet $(LAUNCH_FLAGS) -m
 
-.PHONY: install pretrain sft reward ppo dpo grpo rlhf all compare report test test-all test-faults bench registry clean-venv
+.PHONY: install pretrain sft reward ppo dpo grpo rlhf all chat compare report test test-all test-faults bench registry clean-venv
 
 install: $(STAMP)
 
@@ -67,6 +68,12 @@ rlhf: reward ppo
 STAGES ?= pretrain sft reward ppo
 all: install
 	$(PY) -m pipeline.all --launch "$(LAUNCH)" --stages "$(STAGES)" -- $(ARGS)
+
+# Talk to a checkpoint: MODEL=ppo:latest (a registry reference, a directory or a hub id); ARGS="--prompt ..." for one
+# answer, ARGS="--prompts in.jsonl --out out.jsonl" for a file of prompts (python -m pipeline.chat --help).
+MODEL ?= ppo:latest
+chat: install
+	$(PY) -m pipeline.chat --model $(MODEL) $(ARGS)
 
 # The alignment entries tuned from one SFT entry, side by side: SFT=sft:latest (a table and gold_by_method.png).
 SFT ?= sft:latest

@@ -234,7 +234,8 @@ def sft_row_problem(row: dict) -> str | None:
     return "'prompt' and 'completion' must both be text or both be lists of messages"
 
 
-def clean_rows(rows: list[dict], problem, where: str, skip: bool) -> tuple[list[dict], int]:
+def clean_rows(rows: list[dict], problem, where: str, skip: bool,
+               remedy: str = "Fix the row, or set data.skip_bad_rows=true to skip bad rows.") -> tuple[list[dict], int]:
     """Rows without problems; a bad row stops the run (naming its number) unless skip is set."""
     good, bad = [], []
     for n, row in enumerate(rows, start=1):
@@ -242,8 +243,7 @@ def clean_rows(rows: list[dict], problem, where: str, skip: bool) -> tuple[list[
         if p is None:
             good.append(row)
         elif not skip:
-            raise PipelineError(f"{where}, row {n}: {p}. Fix the row, or set data.skip_bad_rows=true to skip "
-                                f"bad rows.")
+            raise PipelineError(f"{where}, row {n}: {p}. {remedy}")
         else:
             bad.append(n)
     if bad:
@@ -362,6 +362,9 @@ def load_prompt_data(cfg: DataConfig, seed: int, cache_dir: Path, n_eval: int) -
         return demo.generate_prompts(cfg.num_examples, seed, heldout=False), demo_heldout_prompts(n_eval, seed)
     raw, where = load_rows(cfg, cache_dir)
     rows, _ = clean_rows(raw, prompt_row_problem, where, cfg.skip_bad_rows)
-    rows = [{"prompt": [{"role": "user", "content": r["prompt"]}] if isinstance(r["prompt"], str) else r["prompt"]}
-            for r in rows]
-    return split_eval(rows, cfg.eval_fraction, n_eval)
+    return split_eval([{"prompt": as_conversation(r["prompt"])} for r in rows], cfg.eval_fraction, n_eval)
+
+
+def as_conversation(prompt: str | list[dict]) -> list[dict]:
+    """A prompt in TRL's conversational form: a text prompt is one user turn."""
+    return [{"role": "user", "content": prompt}] if isinstance(prompt, str) else prompt

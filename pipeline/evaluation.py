@@ -9,13 +9,16 @@ from pipeline.config import GenerationEvalConfig
 
 
 @torch.no_grad()
-def sample_responses(model, tok, prompts: list[list[dict]], cfg: GenerationEvalConfig, desc: str):
-    """(prompt ids, response ids) per conversational prompt; a response ends at its first eos, included."""
+def sample_responses(model, tok, prompts: list[list[dict]] | list[str], cfg: GenerationEvalConfig, desc: str,
+                     top_p: float = 1.0):
+    """(prompt ids, response ids) per prompt: conversational through the chat template, text as it is; a response
+    ends at its first eos, included."""
     was_training = model.training
     model.eval()
     side, tok.padding_side = tok.padding_side, "left"  # every row of a batch ends at its prompt
-    texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    sampling = {"do_sample": True, "temperature": cfg.temperature, "top_k": 0, "top_p": 1.0} \
+    texts = [p if isinstance(p, str) else tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+             for p in prompts]
+    sampling = {"do_sample": True, "temperature": cfg.temperature, "top_k": 0, "top_p": top_p} \
         if cfg.temperature > 0 else {"do_sample": False}
     cuda = [model.device.index or 0] if model.device.type == "cuda" else []
     with torch.random.fork_rng(devices=cuda):  # seeded sampling, leaving the caller's random state as it was
@@ -38,9 +41,11 @@ def sample_responses(model, tok, prompts: list[list[dict]], cfg: GenerationEvalC
     return out
 
 
-def generate_responses(model, tok, prompts: list[list[dict]], cfg: GenerationEvalConfig, desc: str) -> list[str]:
-    """One response text per conversational prompt (greedy when cfg.temperature is 0)."""
-    return [tok.decode(r, skip_special_tokens=True).strip() for _, r in sample_responses(model, tok, prompts, cfg, desc)]
+def generate_responses(model, tok, prompts: list[list[dict]] | list[str], cfg: GenerationEvalConfig, desc: str,
+                       top_p: float = 1.0) -> list[str]:
+    """One response text per prompt (greedy when cfg.temperature is 0)."""
+    return [tok.decode(r, skip_special_tokens=True).strip()
+            for _, r in sample_responses(model, tok, prompts, cfg, desc, top_p)]
 
 
 @torch.no_grad()

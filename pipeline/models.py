@@ -4,6 +4,7 @@
     load_tokenizer(name_or_path)           a model's tokenizer, with the pipeline's tokens
     load_causal_lm(name_or_path)           (model, tokenizer): a hub model to pretrain on, a policy to fine-tune
     load_reward_model(name_or_path)        (model, tokenizer): a one-output score head on a checkpoint
+    load_as_saved(name_or_path)            (model, tokenizer) exactly as saved, for generation (the chat CLI)
 
 A name is a local Hugging Face directory or a hub id. Every tokenizer has what the later stages need (pad !=
 eos, chat markers and template: pipeline.tokenizer.add_pipeline_tokens); every model matches it (embeddings
@@ -52,13 +53,25 @@ def check_model_source(name_or_path: str) -> None:
         raise PipelineError(f"model directory not found: {Path(name_or_path).resolve()}")
 
 
-def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
-    """The tokenizer at name_or_path, given the pipeline's tokens where it lacks them."""
+def _saved_tokenizer(name_or_path: str, trust_remote_code: bool):
     check_model_source(name_or_path)
     try:
-        tok = AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+        return AutoTokenizer.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise PipelineError(f"cannot load a tokenizer from '{name_or_path}': {e}") from None
+
+
+def _saved_model(auto_class, what: str, name_or_path: str, trust_remote_code: bool, **kwargs):
+    try:
+        return auto_class.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, dtype=torch.float32,
+                                          use_safetensors=True, **kwargs)
+    except Exception as e:
+        raise PipelineError(f"cannot load {what} from '{name_or_path}': {e}") from None
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    """The tokenizer at name_or_path, given the pipeline's tokens where it lacks them."""
+    tok = _saved_tokenizer(name_or_path, trust_remote_code)
     add_pipeline_tokens(tok)
     return tok
 
@@ -66,13 +79,15 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
 def _load(auto_class, what: str, name_or_path: str, trust_remote_code: bool, **kwargs):
     """(model, tokenizer) from name_or_path, the model matched to the tokenizer."""
     tok = load_tokenizer(name_or_path, trust_remote_code)
-    try:
-        model = auto_class.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, dtype=torch.float32,
-                                           use_safetensors=True, **kwargs)
-    except Exception as e:
-        raise PipelineError(f"cannot load {what} from '{name_or_path}': {e}") from None
+    model = _saved_model(auto_class, what, name_or_path, trust_remote_code, **kwargs)
     match_tokenizer(model, tok)
     return model, tok
+
+
+def load_as_saved(name_or_path: str, trust_remote_code: bool = False):
+    """(model, tokenizer) of a causal LM exactly as saved, nothing added (generation with it: the chat CLI)."""
+    tok = _saved_tokenizer(name_or_path, trust_remote_code)
+    return _saved_model(AutoModelForCausalLM, "a causal LM", name_or_path, trust_remote_code), tok
 
 
 def load_causal_lm(name_or_path: str, trust_remote_code: bool = False):

@@ -111,7 +111,8 @@ def grpo(run: StageRun) -> dict:
     budget.record(run, metrics)
     run.record(**metrics)  # kept should the evaluation below fail
     if run.is_main:
-        metrics.update(evaluate_against_start(run, unwrapped(trainer.model, run), reference, tok, rm, eval_rows, cfg.eval))
+        tuned = unwrapped(trainer.model, run)
+        metrics.update(evaluate_against_start(run, tuned, reference, tok, rm, eval_rows, cfg.eval))
         history = [h for h in trainer.state.log_history if "reward" in h]
         (Path(run.entry.path) / f"{run.stage}_history.json").write_text(json.dumps(
             {"log": history, "gold": tracker.history}, indent=1))

@@ -114,7 +114,8 @@ def sft(run: StageRun) -> dict:
                "train_runtime_s": result.metrics["train_runtime"], "global_step": result.global_step}
     run.record(**metrics)  # kept should the evaluation below fail
     if judged and run.is_main:
-        gold, samples = gold_eval(unwrapped(trainer.model, run), tok, prompts, cfg.eval, "Scoring the fine-tuned model")
+        tuned = unwrapped(trainer.model, run)
+        gold, samples = gold_eval(tuned, tok, prompts, cfg.eval, "Scoring the fine-tuned model")
         metrics.update(gold_score=gold, **gold_gain(json.loads(baseline_file.read_text()), [s["gold"] for s in samples]),
                        **{k: v for k, v in run.entry.metrics.items() if k.startswith("baseline_")},
                        **flaw_rates(samples))

@@ -7,6 +7,8 @@ directory, so that every checkpoint describes itself and the index can be rebuil
     python -m pipeline.registry show REF [--json]
     python -m pipeline.registry lineage REF
     python -m pipeline.registry rebuild
+    python -m pipeline.registry export REF DIR [--license L]       a Hugging Face folder with a model card
+    python -m pipeline.registry push REF --repo-id ORG/NAME         the same, uploaded to the Hub
 
 REF is `stage` or `stage:latest` (newest complete), `stage:best` (best on the stage's key metric),
 an entry id, a checkpoint path, or a hub id. Only complete entries resolve.
@@ -332,6 +334,15 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("ref")
     p.add_argument("--json", action="store_true")
     sub.add_parser("rebuild", help="recreate the index from the checkpoint manifests")
+    p = sub.add_parser("export", help="a self-contained Hugging Face folder with a model card from the registry")
+    p.add_argument("ref")
+    p.add_argument("dir", help="a new (or empty) directory")
+    p.add_argument("--license", default="other", help="the card's license (a Hub license id; default: other)")
+    p = sub.add_parser("push", help="export to the Hugging Face Hub (network and a token needed)")
+    p.add_argument("ref")
+    p.add_argument("--repo-id", required=True, help="ORG/NAME on the Hub (created if missing)")
+    p.add_argument("--private", action="store_true")
+    p.add_argument("--license", default="other", help="the card's license (a Hub license id; default: other)")
     args = ap.parse_args(argv)
     reg = Registry(args.root)
     try:
@@ -355,6 +366,12 @@ def main(argv: list[str] | None = None) -> int:
                     print("  " * depth + ("└─ " if depth else "") + _summary(e))
         elif args.command == "rebuild":
             print(f"rebuilt the index of {reg.root} from {reg.rebuild()} manifests")
+        elif args.command == "export":
+            from pipeline.card import export
+            print(f"exported {args.ref} with its model card to {export(reg, args.ref, args.dir, args.license)}")
+        elif args.command == "push":
+            from pipeline.card import push
+            print(f"pushed {args.ref} to {push(reg, args.ref, args.repo_id, args.private, args.license)}")
     except PipelineError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

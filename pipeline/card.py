@@ -19,7 +19,7 @@ from pathlib import Path
 import yaml
 
 from pipeline.errors import PipelineError
-from pipeline.registry import KEY_METRICS, Entry, Registry, looks_like_hub_id
+from pipeline.registry import KEY_METRICS, STAGES, Entry, Registry, looks_like_hub_id
 
 # What a Hugging Face model folder holds: weights, configs, tokenizer, chat template; the registry's own files
 # (manifest, trainer checkpoints, evaluation samples) stay behind. The training config comes along.
@@ -48,13 +48,14 @@ def ancestors(registry: Registry, entry: Entry) -> list[Entry]:
     return list(reversed(order.values()))
 
 
-def _hub_sources(chain: list[Entry]) -> tuple[list[str], list[str]]:
+def _hub_sources(registry: Registry, chain: list[Entry]) -> tuple[list[str], list[str]]:
     """(base models, datasets): the hub ids the lineage started from and trained on, the oldest first."""
     models, data = [], []
     for e in reversed(chain):
         model = e.config.get("model") or {}
         source = model.get("name_or_path") if e.stage == "pretrain" else e.config.get("init_from")
-        if source and looks_like_hub_id(source) and ":" not in source and source not in models:
+        registry_ref = source and (source.partition(":")[0] in STAGES or registry.get(source) is not None)
+        if source and not registry_ref and looks_like_hub_id(source) and source not in models:
             models.append(source)
         d = e.config.get("data") or {}
         if d.get("kind") == "hub" and d.get("path") not in data:
@@ -90,7 +91,7 @@ def model_card(registry: Registry, entry: Entry, license: str = "other"):
     from huggingface_hub import ModelCard, ModelCardData
 
     chain = ancestors(registry, entry)
-    base_models, datasets = _hub_sources(chain)
+    base_models, datasets = _hub_sources(registry, chain)
     stages = [e.stage for e in reversed(chain)]
     reward = entry.stage == "reward"
     tags = ["llm-pipeline", "trl"] + [t for s in dict.fromkeys(stages) for t in STAGE_TAGS.get(s, [s])]

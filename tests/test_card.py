@@ -18,9 +18,9 @@ def test_card_names_hub_base_model_datasets_and_every_ancestor(tmp_path):
     sft = reg.complete(reg.create("sft", {"init_from": "pretrain:latest", "data": {"kind": "demo"},
                                           "trainer": {"max_steps": 7, "learning_rate": 1e-4}}, [pre.id]),
                        {"gold_score": 0.7})
-    rm = reg.complete(reg.create("reward", {"init_from": "sft:latest", "data": {
+    rm = reg.complete(reg.create("reward", {"init_from": sft.id, "data": {
         "kind": "hub", "path": "trl-lib/ultrafeedback_binarized"}}, [sft.id]), {"eval_accuracy": 0.9})
-    ppo = reg.complete(reg.create("ppo", {"init_from": "sft:latest", "reward_model": "reward:latest",
+    ppo = reg.complete(reg.create("ppo", {"init_from": "sft", "reward_model": "reward:latest",
                                           "data": {"kind": "file", "path": "/data/prompts.jsonl"}}, [sft.id, rm.id]),
                        {"gold_score": 0.8, "kl": 1.5})
     card = ModelCard(str(model_card(reg, reg.get(ppo.id), license="apache-2.0")))  # parses back

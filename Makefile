@@ -29,6 +29,8 @@ else
     --num_cpu_threads_per_process $(THREADS)
 endif
 LAUNCH := $(VENV)/bin/accelerate launch --quiet $(LAUNCH_FLAGS) -m
+# Hydra takes -m (--multirun) only before the overrides: move it there wherever ARGS has it.
+STAGE_ARGS = $(filter -m --multirun,$(ARGS)) $(filter-out -m --multirun,$(ARGS))
 
 .PHONY: install pretrain sft reward ppo dpo grpo rlhf all chat compare report test test-all test-faults bench registry clean-venv
 
@@ -41,24 +43,24 @@ $(STAMP): pyproject.toml Makefile
 	touch $(STAMP)
 
 pretrain: install
-	$(LAUNCH) stages.pretrain $(ARGS)
+	$(LAUNCH) stages.pretrain $(STAGE_ARGS)
 
 sft: install
-	$(LAUNCH) stages.sft $(ARGS)
+	$(LAUNCH) stages.sft $(STAGE_ARGS)
 
 reward: install
-	$(LAUNCH) reward_model.train $(ARGS)
+	$(LAUNCH) reward_model.train $(STAGE_ARGS)
 
 ppo: install
-	$(LAUNCH) stages.ppo $(ARGS)
+	$(LAUNCH) stages.ppo $(STAGE_ARGS)
 
 # The other alignment methods on the same SFT start: DPO from preference pairs; GRPO (or algorithm=rloo)
 # against the reward model and/or reward functions.
 dpo: install
-	$(LAUNCH) stages.dpo $(ARGS)
+	$(LAUNCH) stages.dpo $(STAGE_ARGS)
 
 grpo: install
-	$(LAUNCH) stages.grpo $(ARGS)
+	$(LAUNCH) stages.grpo $(STAGE_ARGS)
 
 rlhf: reward ppo
 

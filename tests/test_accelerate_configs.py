@@ -39,6 +39,28 @@ def test_config_parses_with_accelerates_loader(name):
         assert cfg.fsdp_config["fsdp_state_dict_type"] == "FULL_STATE_DICT"  # one plain HF directory on save
 
 
+@pytest.mark.parametrize("name", ["deepspeed_zero2.yaml", "deepspeed_zero3.yaml"])
+def test_deepspeed_config_parses_with_deepspeeds_own_config_class(name):
+    """The DeepSpeed config accelerate builds from ours, its "auto" values filled from the stage's trainer
+    arguments as the Trainer fills them, is one DeepSpeed accepts (needs `pip install -e .[deepspeed]`)."""
+    pytest.importorskip("deepspeed", reason="DeepSpeed is not installed (the optional extra: pip install -e "
+                                            "'.[deepspeed]'); its GPU kernels are not needed to parse a config")
+    from accelerate.utils import DeepSpeedPlugin
+    from deepspeed.runtime.config import DeepSpeedConfig
+    from transformers import TrainingArguments
+    from transformers.integrations.deepspeed import HfTrainerDeepSpeedConfig
+
+    plugin = DeepSpeedPlugin(**load_config_from_file(str(ROOT / "conf" / "accelerate" / name)).deepspeed_config)
+    hf = HfTrainerDeepSpeedConfig(plugin.deepspeed_config)
+    hf.trainer_config_process(TrainingArguments(output_dir="unused", per_device_train_batch_size=8,
+                                                gradient_accumulation_steps=2, max_grad_norm=1.0, use_cpu=True))
+    ds = DeepSpeedConfig(hf.config)
+    assert ds.zero_optimization_stage == int(name[-6])
+    assert (ds.train_micro_batch_size_per_gpu, ds.gradient_accumulation_steps, ds.gradient_clipping) == (8, 2, 1.0)
+    # ZeRO-3 gathers the sharded weights into one Hugging Face checkpoint on save
+    assert ds.zero_config.gather_16bit_weights_on_model_save == (name == "deepspeed_zero3.yaml")
+
+
 @pytest.mark.slow
 def test_ddp_config_trains_over_two_cpu_processes(home):
     r = make("pretrain", home, "experiment=ci", ACCELERATE_CONFIG="conf/accelerate/ddp.yaml", NPROC=2)

@@ -289,13 +289,15 @@ def check_data_coverage(run: StageRun, tok, rows: list[dict], model, sample: int
     run.record(**figures)
 
 
-def unwrapped(model, run: StageRun):
+def unwrapped(model, run: StageRun | None = None):
     """The plain transformers model of a trained model, for the main process to evaluate alone: LoRA adapters
     merged in, and the forward without the mixed-precision autocast accelerate wraps it in, so that evaluation
-    runs in fp32 as before training. A model sharded across the processes (FSDP) cannot run on one of them: its
-    saved checkpoint, gathered whole, is loaded instead."""
+    runs in fp32 as before training. A model sharded across the processes (FSDP) cannot run on one of them: the
+    checkpoint its run saved, gathered whole, is loaded instead."""
     model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
     if isinstance(model, FSDPModule):
+        if run is None:
+            raise ValueError("a model sharded with FSDP is evaluated from its run's saved checkpoint: pass the run")
         plain = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard's subclass
         return plain.from_pretrained(run.entry.path, dtype=torch.float32).to(run.state.device)
     return model.merge_and_unload() if is_peft_model(model) else model

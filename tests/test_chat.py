@@ -11,7 +11,7 @@ from transformers import AutoTokenizer
 
 from pipeline import chat
 from pipeline.registry import Registry
-from tests.conftest import PY, ROOT, env_for
+from tests.conftest import PY, ROOT, env_for, make
 
 pytestmark = pytest.mark.slow  # needs a fine-tuned checkpoint (the session's ci pretrain + SFT)
 
@@ -75,6 +75,9 @@ def test_one_shot_and_stdin_through_the_module(ci_fine_tuned):
     assert inter.returncode == 0, inter.stderr[-2000:]
     shown = [line for line in inter.stderr.splitlines() if line.startswith("[prompt] ")]
     assert len(shown) == 2 and "Hello" in shown[1]
+    target = make("chat", ci_fine_tuned, "--prompt 'Is this positive?' --max-new-tokens 8 --show-prompt",
+                  MODEL="sft:latest")
+    assert target.returncode == 0 and "[prompt] <|user|>Is this positive?" in target.stderr, target.stderr[-2000:]
 
 
 def test_batch_answers_every_prompt_row_in_its_format(ci_fine_tuned, tmp_path):

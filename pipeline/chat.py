@@ -91,8 +91,9 @@ class Chat:
         return answer.strip()
 
 
-def load(ref: str, root: str | None, plain: bool):
-    """(model, tokenizer, what it is) of a reference; a checkpoint without a chat template needs --plain."""
+def load(ref: str, root: str | None, plain: bool, dtype: str = "auto"):
+    """(model, tokenizer, what it is) of a reference; a checkpoint without a chat template needs --plain.
+    dtype "auto": the weights' saved dtype on a GPU, fp32 on a CPU (most CPUs compute bf16 far slower)."""
     resolved = Registry(root).resolve(ref)
     path = resolved.path
     config = Path(path) / "config.json"
@@ -100,11 +101,13 @@ def load(ref: str, root: str | None, plain: bool):
                                for a in json.loads(config.read_text()).get("architectures") or []):
         raise PipelineError(f"'{ref}' is a reward model ({path}): it scores text and does not generate. "
                             f"Chat with a policy: sft:latest, ppo:latest, dpo:latest, grpo:latest")
-    model, tok = load_as_saved(path)
+    gpu = torch.cuda.is_available()
+    model, tok = load_as_saved(path, dtype=("auto" if gpu else torch.float32) if dtype == "auto" else
+                               getattr(torch, dtype))
     if not plain and not tok.chat_template:
         raise PipelineError(f"'{ref}' has no chat template ({path}): it was not trained to chat. "
                             f"Add --plain to continue plain text with it instead")
-    model.to("cuda" if torch.cuda.is_available() else "cpu").eval()
+    model.to("cuda" if gpu else "cpu").eval()
     return model, tok, resolved.entry.id if resolved.entry else path
 
 
@@ -196,6 +199,8 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
     ap.add_argument("--system", help="a system message opening the conversation")
     ap.add_argument("--plain", action="store_true", help="continue plain text, without a chat template")
     ap.add_argument("--seed", type=int, help="seed of the sampling noise, for repeatable answers")
+    ap.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                    help="weights' dtype (auto: as saved on a GPU, float32 on a CPU)")
     ap.add_argument("--batch-size", type=int, default=16, help="prompts generated at once with --prompts")
     ap.add_argument("--show-prompt", action="store_true", help="print the text the model is given, to stderr")
     args = ap.parse_args(argv)
@@ -205,8 +210,9 @@ def main(argv: list[str] | None = None, stdin: TextIO | None = None, stdout: Tex
             raise PipelineError("--prompts needs --out FILE.jsonl for the completions")
         if args.prompt is not None and args.prompts:
             raise PipelineError("give --prompt or --prompts, not both")
-        model, tok, what = load(args.model, args.root, args.plain)
-        print(f"{what} ({model.num_parameters() / 1e6:.2f}M parameters, {model.device.type})", file=sys.stderr)
+        model, tok, what = load(args.model, args.root, args.plain, args.dtype)
+        print(f"{what} ({model.num_parameters() / 1e6:.2f}M parameters, {model.device.type}, {model.dtype})",
+              file=sys.stderr)
         if args.seed is not None:
             set_seed(args.seed)
         sampling = sampling_settings(model, args)

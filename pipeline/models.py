@@ -61,9 +61,9 @@ def _saved_tokenizer(name_or_path: str, trust_remote_code: bool):
         raise PipelineError(f"cannot load a tokenizer from '{name_or_path}': {e}") from None
 
 
-def _saved_model(auto_class, what: str, name_or_path: str, trust_remote_code: bool, **kwargs):
+def _saved_model(auto_class, what: str, name_or_path: str, trust_remote_code: bool, dtype=torch.float32, **kwargs):
     try:
-        return auto_class.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, dtype=torch.float32,
+        return auto_class.from_pretrained(name_or_path, trust_remote_code=trust_remote_code, dtype=dtype,
                                           use_safetensors=True, **kwargs)
     except Exception as e:
         raise PipelineError(f"cannot load {what} from '{name_or_path}': {e}") from None
@@ -84,10 +84,10 @@ def _load(auto_class, what: str, name_or_path: str, trust_remote_code: bool, **k
     return model, tok
 
 
-def load_as_saved(name_or_path: str, trust_remote_code: bool = False):
+def load_as_saved(name_or_path: str, trust_remote_code: bool = False, dtype=torch.float32):
     """(model, tokenizer) of a causal LM exactly as saved, nothing added (generation with it: the chat CLI)."""
     tok = _saved_tokenizer(name_or_path, trust_remote_code)
-    return _saved_model(AutoModelForCausalLM, "a causal LM", name_or_path, trust_remote_code), tok
+    return _saved_model(AutoModelForCausalLM, "a causal LM", name_or_path, trust_remote_code, dtype), tok
 
 
 def load_causal_lm(name_or_path: str, trust_remote_code: bool = False):

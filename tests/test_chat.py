@@ -65,9 +65,10 @@ def test_the_oldest_turns_make_room_in_a_short_context(ci_fine_tuned, capsys):
 
 def test_one_shot_and_stdin_through_the_module(ci_fine_tuned):
     env = env_for(ci_fine_tuned)
-    one = subprocess.run([PY, "-m", "pipeline.chat", "--model", "sft:latest", "--prompt", "Is this positive?"],
-                         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    one = subprocess.run([PY, "-m", "pipeline.chat", "--model", "sft:latest", "--prompt", "Is this positive?",
+                          "--dtype", "bfloat16"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
     assert one.returncode == 0 and one.stdout.strip(), one.stderr[-2000:]
+    assert "cpu, torch.bfloat16)" in one.stderr  # as asked; on a CPU, auto is float32 (below)
     inter = subprocess.run([PY, "-m", "pipeline.chat", "--model", "sft:latest", "--show-prompt",
                             "--max-new-tokens", "8"],
                            input="Hello\nTell me more\n/reset\n/quit\n", cwd=ROOT, env=env, capture_output=True,
@@ -78,6 +79,7 @@ def test_one_shot_and_stdin_through_the_module(ci_fine_tuned):
     target = make("chat", ci_fine_tuned, "--prompt 'Is this positive?' --max-new-tokens 8 --show-prompt",
                   MODEL="sft:latest")
     assert target.returncode == 0 and "[prompt] <|user|>Is this positive?" in target.stderr, target.stderr[-2000:]
+    assert "cpu, torch.float32)" in target.stderr
 
 
 def test_batch_answers_every_prompt_row_in_its_format(ci_fine_tuned, tmp_path):

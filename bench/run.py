@@ -4,8 +4,12 @@ Figures and ratios measured side by side in one run, printed as a table and writ
 $PIPELINE_HOME/bench.json; nothing here asserts a time. The stages run through their real commands on the
 demo model, into a registry of their own ($PIPELINE_HOME/bench/), so the user's registry is untouched.
 
-    make bench                      # about 10 minutes on a laptop CPU
+    make bench                      # speed: about 10 minutes on a laptop CPU
+    make bench ARGS="quality=true"  # and time to quality: make all with its curves (bench/quality.py)
+    make bench ARGS="speed=false scaling=true"   # cost curves alone (bench/scaling.py)
     make bench ARGS="model=tiny"    # extra Hydra overrides, for each stage run that has their keys
+
+Each section's figures replace the same section's in bench.json; the other sections' stay.
 """
 from __future__ import annotations
 
@@ -184,16 +188,69 @@ def precision_table(root: Path, extra: str, peaks: dict) -> dict:
     return table
 
 
+SECTIONS = {"speed": True, "quality": False, "scaling": False}  # make bench ARGS="quality=true scaling=true"
+
+
+def sections(argv: list[str]) -> tuple[dict, str]:
+    """The sections to run (speed=, quality=, scaling= in ARGS) and the rest of ARGS, for the stages."""
+    chosen, rest = dict(SECTIONS), []
+    for a in argv:
+        key, _, value = a.partition("=")
+        if key in SECTIONS and value.lower() in ("true", "false"):
+            chosen[key] = value.lower() == "true"
+        else:
+            rest.append(a)
+    return chosen, " ".join(rest)
+
+
 def main() -> None:
-    from pipeline.config import overrides_for
     from pipeline.registry import default_root
+    from pipeline.run import resolved_precision
 
     home = Path(default_root()).resolve()
     root = home / "bench"
-    extra = " ".join(sys.argv[1:])
+    chosen, extra = sections(sys.argv[1:])
     torch.set_num_threads(os.cpu_count() or 1)  # as `make` gives a single stage process
-    out: dict = {}
+    bench_file = home / "bench.json"
+    out: dict = json.loads(bench_file.read_text()) if bench_file.exists() else {}  # other sections' figures stay
+    if chosen["speed"]:
+        out.update(speed(root, extra))
+    if chosen["quality"]:
+        from bench.quality import table, time_to_quality
 
+        out["time_to_quality"] = time_to_quality(root / "quality", extra)
+        print(table(out["time_to_quality"]))
+        out.update({k: v for k, v in out["time_to_quality"].items() if k.startswith("time_to_quality_s/")})
+    if chosen["scaling"]:
+        from bench.scaling import scaling
+
+        dtype = torch.bfloat16 if resolved_precision("auto") == "bf16" else torch.float32
+        print("Scaling: the pretraining stage across model sizes and sequence lengths", flush=True)
+        out["scaling"] = scaling(make_stage, flops_per_token, root, home, extra, matmul_peak_flops(dtype))
+    out["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    bench_file.write_text(json.dumps(out, indent=2))
+    print()
+    for k, v in out.items():
+        if k in ("precision", "time_to_quality", "scaling"):
+            continue
+        if isinstance(v, dict):
+            v = ", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items())
+        elif isinstance(v, float):
+            v = f"{v:.4g}"
+        print(f"{k:40s} {v}")
+    if chosen["speed"]:
+        print_precision(out["precision"], out)
+    if chosen["scaling"]:
+        print(f"scaling: time per step grows as work^{out['scaling']['time_vs_work_slope']:.2f} over every point; "
+              f"plot: {out['scaling']['plot']}")
+    print(f"\nWritten: {bench_file}")
+
+
+def speed(root: Path, extra: str) -> dict:
+    """The speed section: the stage against the bare loop, MFU, batching, PPO phases, the precision table."""
+    from pipeline.config import overrides_for
+
+    out: dict = {}
     print(f"Pretraining stage against a bare loop, {ROUNDS} rounds of {PRETRAIN_STEPS} steps each", flush=True)
     stage_rates, bare_rates = [], []
     pretrain_args = (f"trainer.max_steps={PRETRAIN_STEPS} trainer.save_steps={PRETRAIN_STEPS} "
@@ -243,27 +300,18 @@ def main() -> None:
     out["precision"] = precision_table(root, extra, peaks)
     out["peak_rss_mb"] = {e["id"].split("-")[0]: e["metrics"]["peak_rss_mb"] for e in (pretrain, sft, reward)}
     out["peak_rss_mb"]["ppo"] = ppo.metrics["peak_rss_mb"]
-    out["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}
+    return out
 
-    (home / "bench.json").write_text(json.dumps(out, indent=2))
-    print()
-    for k, v in out.items():
-        if k == "precision":
-            continue
-        if isinstance(v, dict):
-            v = ", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items())
-        elif isinstance(v, float):
-            v = f"{v:.4g}"
-        print(f"{k:40s} {v}")
+
+def print_precision(table: dict, out: dict) -> None:
     print(f"\n{'stage':18s} {'fp32 s/step':>12s} {'bf16 s/step':>12s} {'bf16 speed-up':>14s}  faster  auto")
-    for name, r in out["precision"].items():
+    for name, r in table.items():
         bf16 = f"{r['bf16_s_per_step']:12.3f}" if r["bf16_s_per_step"] is not None else f"{'not run':>12s}"
         print(f"{name:18s} {r['fp32_s_per_step']:12.3f} {bf16} {r['bf16_speedup']:13.2f}x  "
               f"{'bf16' if r['faster'] == 'bf16' else 'fp32':6s}  {'bf16' if r['auto'] == 'bf16' else 'fp32'}")
-    if any(r["bf16_s_per_step"] is None for r in out["precision"].values()):
-        print(f"(bf16 not run: bf16 matmuls run at {peaks['bf16'] / peaks['fp32']:.2f}x the fp32 rate here; the "
+    if any(r["bf16_s_per_step"] is None for r in table.values()):
+        print(f"(bf16 not run: bf16 matmuls run at {out['matmul_peak_flops_bf16'] / out['matmul_peak_flops_fp32']:.2f}x the fp32 rate here; the "
               f"speed-up column shows that ratio)")
-    print(f"\nWritten: {home / 'bench.json'}")
 
 
 if __name__ == "__main__":

@@ -56,7 +56,9 @@ def run_pipeline(launch: list[str], overrides: list[str], env: dict | None = Non
                   f"names, then continue with {rest} (PIPELINE_ID={env['PIPELINE_ID']} keeps them in this run).",
                   file=sys.stderr, flush=True)
             return status
-    return runner([sys.executable, "-m", "pipeline.report", env["PIPELINE_ID"]], env=env)
+    roots = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("registry.root=")]
+    return runner([sys.executable, "-m", "pipeline.report", env["PIPELINE_ID"], *(["--root", roots[-1]] if roots else [])],
+                  env=env)
 
 
 def main(argv: list[str] | None = None) -> int:

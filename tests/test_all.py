@@ -28,6 +28,12 @@ def test_stages_run_in_order_with_the_overrides_then_the_report():
     assert cmds[4] == [sys.executable, "-m", "pipeline.report", runner.calls[0][1]]
 
 
+def test_the_report_reads_the_registry_the_stages_wrote_to():
+    runner = Recorder()
+    run_pipeline(["python", "-m"], ["registry.root=/data/runs", "seed=1"], {"PIPELINE_ID": "pipeline-r"}, runner)
+    assert runner.calls[-1][0] == [sys.executable, "-m", "pipeline.report", "pipeline-r", "--root", "/data/runs"]
+
+
 def test_a_given_pipeline_id_is_kept():
     runner = Recorder()
     run_pipeline(["python", "-m"], [], {"PIPELINE_ID": "pipeline-mine"}, runner)

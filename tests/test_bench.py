@@ -1,0 +1,42 @@
+"""The benchmark's bookkeeping: which sections run, when a curve meets its mark, the time a stage would have
+taken stopped early, and the cost curve's slope and plot. (The speeds themselves are measured, never asserted.)"""
+from types import SimpleNamespace
+
+import pytest
+
+from bench.quality import meets, time_at
+from bench.run import sections
+from bench.scaling import plot, slope
+
+
+def test_section_switches_are_taken_out_of_the_stage_overrides():
+    chosen, rest = sections(["quality=true", "model=tiny", "speed=false", "seed=3"])
+    assert chosen == {"speed": False, "quality": True, "scaling": False}
+    assert rest == "model=tiny seed=3"
+    assert sections([])[0] == {"speed": True, "quality": False, "scaling": False}
+
+
+def test_a_point_meets_its_mark_only_when_every_figure_does():
+    assert meets("pretrain", {"eval_loss": 0.39, "kinds_copied": 4})
+    assert not meets("pretrain", {"eval_loss": 0.39, "kinds_copied": 3})
+    assert not meets("pretrain", {"eval_loss": 0.45, "kinds_copied": 5})
+    assert meets("reward", {"eval_accuracy": 0.95}) and not meets("reward", {"eval_accuracy": 0.90})
+    assert not meets("sft", {})
+
+
+def test_time_to_a_step_takes_the_later_training_out_of_the_wall_time():
+    trainer_stage = SimpleNamespace(metrics={"wall_time_s": 500.0, "train_runtime_s": 400.0, "global_step": 400})
+    assert time_at(trainer_stage, 400) == pytest.approx(500.0)
+    assert time_at(trainer_stage, 100) == pytest.approx(200.0)  # 100 s of start-up and evaluation + 100 steps
+    ppo = SimpleNamespace(metrics={"wall_time_s": 300.0, "ppo_steps": 24, "steady_seconds_per_step": 10.0})
+    assert time_at(ppo, 8) == pytest.approx(140.0)
+
+
+def test_the_cost_slope_and_its_plot(tmp_path):
+    assert slope([1, 10, 100], [2, 20, 200]) == pytest.approx(1.0)
+    assert slope([1, 10, 100], [5, 5 * 10 ** 0.5, 50]) == pytest.approx(0.5)
+    points = [{"model": m, "block_size": n, "parameters": p, "flops_per_step": p * n * 96.0,
+               "seconds_per_step": p * n * 1e-9, "mfu": 0.1, "peak_rss_mb": 500 + p / 1e4}
+              for m, p in (("tiny", 1e5), ("small", 3e6), ("medium", 2.5e7)) for n in (128, 256, 512)]
+    plot(points, tmp_path / "scaling.png")
+    assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -15,6 +15,7 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline import demo
 from pipeline.errors import PipelineError
+from pipeline.optim import OPTIMIZERS
 
 DATA_KINDS = ("demo", "file", "hub")
 LOGGING_BACKENDS = ("wandb", "none")
@@ -254,6 +255,15 @@ class PretrainStageConfig(StageConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     # The BPE trained for a model built from scratch.
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    # "adamw" (fused AdamW, the Trainer's default) or "muon": torch.optim.Muon on the hidden layers' weight
+    # matrices and AdamW on the rest, at trainer.learning_rate (pipeline/optim.py). A pretraining key: the
+    # fine-tuning stages train with AdamW.
+    optimizer: str = "adamw"
+
+    def __post_init__(self):
+        super().__post_init__()
+        if self.optimizer not in OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
 
 
 @dataclass

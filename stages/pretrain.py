@@ -22,6 +22,7 @@ from pipeline.config import PretrainStageConfig, register_schemas
 from pipeline.data import extra_tokenizer_text, fingerprint, load_corpus, non_padding_share, pack_into_blocks
 from pipeline.evaluation import copy_rate
 from pipeline.models import build_llama, count_parameters, load_causal_lm, load_tokenizer
+from pipeline.optim import trainer_optimizer
 from pipeline.run import (InitialEvalLoss, StageRun, StepTimer, StopOnNonFiniteLoss, run_stage, save_hf_directory,
                           trainer_arguments)
 from pipeline.tokenizer import coverage, tokenizer_fingerprint, train_bpe
@@ -84,7 +85,8 @@ def pretrain(run: StageRun) -> dict:
     timer = StepTimer()
     trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
                       data_collator=default_data_collator, processing_class=tok,
-                      callbacks=[StopOnNonFiniteLoss(), timer, InitialEvalLoss(run)])
+                      callbacks=[StopOnNonFiniteLoss(), timer, InitialEvalLoss(run)],
+                      optimizer_cls_and_kwargs=trainer_optimizer(cfg.optimizer, args))
     result = trainer.train(resume_from_checkpoint=run.resume_from)
     eval_loss = trainer.evaluate()["eval_loss"]
     run.log(f"Eval loss after training: {eval_loss:.4f} (perplexity {math.exp(eval_loss):.2f})")

@@ -1,0 +1,82 @@
+"""The pretraining optimizer: the Trainer's fused AdamW, or Muon for the hidden layers' weight matrices with AdamW
+for everything else (embeddings, output layer, norms), as the modded-nanogpt speedrun trains.
+
+    make pretrain ARGS="optimizer=muon"
+
+Muon runs with torch's "match_rms_adamw" learning-rate adjustment (Moonshot's "Muon is Scalable for LLM
+Training"): its updates have AdamW's RMS, so the same learning rate, schedule and weight decay serve both.
+"""
+from __future__ import annotations
+
+import torch
+
+OPTIMIZERS = ("adamw", "muon")
+
+
+def muon_split(model) -> tuple[list, list, list]:
+    """(Muon's matrices, AdamW's matrices, AdamW's vectors): Muon takes the 2-D weights of the hidden layers; the
+    embeddings and the output layer (lookups and a classifier, not linear maps between hidden states) and the
+    1-D parameters stay with AdamW, which decays only the matrices."""
+    lookups = {id(m.weight) for m in (model.get_input_embeddings(), model.get_output_embeddings()) if m is not None}
+    muon, adam_decay, adam_no_decay = [], [], []
+    for p in model.parameters():
+        if not p.requires_grad:
+            continue
+        if p.ndim < 2:
+            adam_no_decay.append(p)
+        elif id(p) in lookups:
+            adam_decay.append(p)
+        else:
+            muon.append(p)
+    return muon, adam_decay, adam_no_decay
+
+
+class MuonWithAdamW(torch.optim.Optimizer):
+    """torch.optim.Muon and a fused torch.optim.AdamW as one optimizer, for the Trainer: its param groups are the
+    two inner optimizers' own (the learning-rate schedule reaches both), its state dict holds both."""
+
+    def __init__(self, model, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
+        from torch.distributed.tensor import DTensor
+
+        muon, decay, no_decay = muon_split(model)
+        if any(isinstance(p, DTensor) for p in muon):
+            raise ValueError("optimizer=muon orthogonalises whole weight matrices, and FSDP shards them: use "
+                             "optimizer=adamw with FSDP, or DDP with muon")
+        self.muon = torch.optim.Muon(muon, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+        self.adam = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
+                                       {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps,
+                                      fused=all(p.device.type in ("cpu", "cuda") for p in decay + no_decay))
+        super().__init__(self.muon.param_groups + self.adam.param_groups, {})  # the same group dicts
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        self.muon.step()
+        self.adam.step()
+        return loss
+
+    def zero_grad(self, set_to_none: bool = True) -> None:
+        self.muon.zero_grad(set_to_none)
+        self.adam.zero_grad(set_to_none)
+
+    def state_dict(self) -> dict:
+        return {"muon": self.muon.state_dict(), "adam": self.adam.state_dict()}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        self.muon.load_state_dict(state_dict["muon"])
+        self.adam.load_state_dict(state_dict["adam"])
+
+
+class MuonFactory:
+    """What the Trainer calls to build the optimizer (`optimizer_cls_and_kwargs`): with the model, once prepared."""
+
+    def __call__(self, model, **kwargs) -> MuonWithAdamW:
+        return MuonWithAdamW(model, **kwargs)
+
+
+def trainer_optimizer(name: str, args) -> tuple | None:
+    """The Trainer's `optimizer_cls_and_kwargs` for the optimizer setting (None: the Trainer's own fused AdamW)."""
+    if name == "adamw":
+        return None
+    return MuonFactory, {"lr": args.learning_rate, "weight_decay": args.weight_decay,
+                         "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}

@@ -65,6 +65,9 @@ class MuonWithAdamW(torch.optim.Optimizer):
     def load_state_dict(self, state_dict: dict) -> None:
         self.muon.load_state_dict(state_dict["muon"])
         self.adam.load_state_dict(state_dict["adam"])
+        # loading gives the inner optimizers new group dicts (accelerate loads once when it prepares the optimizer):
+        # share them again, or the learning-rate schedule would set groups that no longer train anything
+        self.param_groups = self.muon.param_groups + self.adam.param_groups
 
 
 class MuonFactory:

@@ -28,6 +28,7 @@ def test_muon_takes_the_hidden_matrices_and_adamw_the_rest():
 def test_one_step_moves_both_kinds_of_weight_and_the_schedule_reaches_both():
     model = tiny_llama()
     opt = MuonWithAdamW(model, lr=1e-2, weight_decay=0.0)
+    opt.load_state_dict(opt.state_dict())  # as accelerate does when it prepares the optimizer
     sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 0.5)
     assert {g["lr"] for g in opt.muon.param_groups + opt.adam.param_groups} == {5e-3}
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
@@ -53,12 +54,15 @@ def test_the_trainer_resumes_muon_where_it_stopped(tmp_path):
         trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=default_data_collator,
                           optimizer_cls_and_kwargs=trainer_optimizer("muon", args))
         trainer.train(resume_from_checkpoint=resume)
-        assert isinstance(trainer.optimizer.optimizer, MuonWithAdamW)
+        inner = trainer.optimizer.optimizer
+        assert isinstance(inner, MuonWithAdamW)
+        # the cosine schedule reached the optimizers that train: at its last step the rate is near zero
+        assert {g["lr"] for g in inner.muon.param_groups + inner.adam.param_groups} == {trainer.lr_scheduler.get_last_lr()[0]}
+        assert trainer.lr_scheduler.get_last_lr()[0] < 1e-3
         return model
 
-    whole = train(tmp_path / "whole", 6)
-    train(tmp_path / "cut", 3)
-    resumed = train(tmp_path / "cut", 6, resume=str(tmp_path / "cut" / "checkpoint-3"))
+    whole = train(tmp_path / "whole", 6)  # its checkpoint at step 3 is where the second run resumes
+    resumed = train(tmp_path / "resumed", 6, resume=str(tmp_path / "whole" / "checkpoint-3"))
     for (n, a), b in zip(whole.named_parameters(), resumed.parameters()):
         assert torch.allclose(a, b, atol=1e-6), n
 

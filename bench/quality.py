@@ -4,8 +4,9 @@ quality along its own training curve, and the wall time at which the stage first
 The stages run with their defaults into the bench registry, keeping a trainer checkpoint every CURVE_EVERY steps;
 each kept checkpoint is evaluated afterwards, off the stage's clock, as the stage evaluates its final model
 (pretraining: eval loss and copy rate; SFT: gold on the held-out prompts; reward: held-out accuracy). PPO keeps no
-trainer checkpoints: its curve is the gold check it runs every `ppo.gold_every` updates (greedy responses to
-`ppo.gold_prompts` held-out prompts), against the SFT model's on the same prompts.
+trainer checkpoints: its curve is the gold check it runs every `ppo.gold_every` updates (responses sampled as
+its final evaluation samples them, here on all its held-out prompts), against the SFT model's on the same
+prompts with the same noise; the seconds of those checks are left out of its times.
 
 A stage's time to quality is its wall time had its training stopped at the first point of its curve that meets
 its mark: the whole process (start-up, data, the evaluations it runs) with the training steps after that point
@@ -29,6 +30,7 @@ MARKS = {
     "ppo": {"gold_gain": (">=", 0.08)},
 }
 CURVE_EVERY = 50  # trainer checkpoints kept this many steps apart, each evaluated after the stage
+PPO_CURVE_PROMPTS = 200  # PPO's gold checks on all of its held-out prompts (the stage's default checks 48)
 
 
 def meets(stage: str, point: dict) -> bool:
@@ -99,34 +101,35 @@ def reward_curve(entry, cache_dir: Path) -> list[dict]:
 
 
 def ppo_curve(entry, sft_path: str) -> list[dict]:
-    """The PPO run's own gold checks, as gains over the SFT model's greedy responses to the same prompts."""
+    """The PPO run's own gold checks (responses sampled as its final evaluation samples them, on its first
+    ppo.gold_prompts held-out prompts), as gains over the SFT model's responses to the same prompts, same noise."""
     import json
 
+    from pipeline import demo
     from pipeline.config import GenerationEvalConfig
     from pipeline.data import demo_heldout_prompts
     from pipeline.evaluation import generate_responses
-    from pipeline import demo
     from pipeline.models import load_causal_lm
 
     cfg = entry.config
     history = json.loads((Path(entry.path) / "ppo_history.json").read_text())["gold"]
     rows = demo_heldout_prompts(cfg["eval"]["num_prompts"], cfg["seed"])[:cfg["ppo"]["gold_prompts"]]
     model, tok = load_causal_lm(sft_path, False)
-    tok.padding_side = "left"
-    gen = GenerationEvalConfig(max_new_tokens=cfg["ppo"]["response_length"], temperature=0.0,
-                               batch_size=cfg["eval"]["batch_size"])
-    responses = generate_responses(model, tok, [r["prompt"] for r in rows], gen, "SFT gold check")
+    responses = generate_responses(model, tok, [r["prompt"] for r in rows], GenerationEvalConfig(**cfg["eval"]),
+                                   "SFT gold check")
     start = sum(demo.gold_score(r["prompt"][-1]["content"], x) for r, x in zip(rows, responses)) / len(rows)
     return [{"step": 0, "gold_score": start, "gold_gain": 0.0}] + [
-        {"step": h["step"], "gold_score": h["gold_score"], "gold_gain": h["gold_score"] - start} for h in history]
+        {"step": h["step"], "gold_score": h["gold_score"], "gold_gain": h["gold_score"] - start,
+         "check_seconds": h.get("seconds", 0.0)} for h in history]
 
 
-def time_at(entry, step: int) -> float:
-    """The stage's wall time with the training after `step` taken out."""
+def time_at(entry, step: int, checks_s: float = 0.0) -> float:
+    """The stage's wall time with the training after `step` taken out, and the seconds of in-training checks
+    the bench added (`checks_s`) left out."""
     m = entry.metrics
     steps = m.get("global_step") or m["ppo_steps"]
-    training = m.get("train_runtime_s") or steps * m["steady_seconds_per_step"]
-    return m["wall_time_s"] - training * (1 - step / steps)
+    training = (m.get("train_runtime_s") or steps * m["steady_seconds_per_step"]) - checks_s
+    return m["wall_time_s"] - checks_s - training * (1 - step / steps)
 
 
 def time_to_quality(root: Path, extra: str) -> dict:
@@ -135,7 +138,7 @@ def time_to_quality(root: Path, extra: str) -> dict:
 
     cmd = ["make", "--no-print-directory", "all",
            f"ARGS=registry.root={root} logging=none registry.keep_trainer_checkpoints=true "
-           f"trainer.save_steps={CURVE_EVERY} trainer.save_total_limit=1000 {extra}"]
+           f"trainer.save_steps={CURVE_EVERY} trainer.save_total_limit=1000 ppo.gold_prompts={PPO_CURVE_PROMPTS} {extra}"]
     print(f"Time to quality: {' '.join(cmd)}", flush=True)
     started = time.time()
     r = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
@@ -151,8 +154,9 @@ def time_to_quality(root: Path, extra: str) -> dict:
     out = {"make_all_s": total, "marks": {s: {k: f"{op} {v}" for k, (op, v) in m.items()} for s, m in MARKS.items()}}
     for stage, curve in curves.items():
         e = entries[stage]
+        checks = sum(p.get("check_seconds", 0.0) for p in curve)
         for point in curve:
-            point["time_s"] = time_at(e, point["step"])
+            point["time_s"] = time_at(e, point["step"], checks)
         hit = next((p for p in curve if meets(stage, p)), None)
         out[f"time_to_quality_s/{stage}"] = hit["time_s"] if hit else None
         out[f"stage_wall_s/{stage}"] = e.metrics["wall_time_s"]

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import time
 from pathlib import Path
 
 from torch import nn
@@ -99,24 +100,26 @@ class KLBudget(TrainerCallback):
 
 
 class GoldTracker(TrainerCallback):
-    """The gold judge's score of the policy's greedy responses to held-out demo prompts, every few updates:
-    it shows when the reward and real quality part ways."""
+    """The gold judge's score of the policy's responses to held-out demo prompts every few updates, sampled as the
+    final evaluation samples them (the stage's eval settings: temperature, seed, length): it shows when the reward
+    and real quality part ways. Each check records the seconds it took."""
 
-    def __init__(self, policy, tok, rows: list[dict], every: int, max_new_tokens: int, batch_size: int,
-                 score_key: str, kl_key: str):
-        self.policy, self.tok, self.rows, self.every = policy, tok, rows, every
-        self.gen_cfg = GenerationEvalConfig(max_new_tokens=max_new_tokens, temperature=0.0, batch_size=batch_size)
+    def __init__(self, policy, tok, rows: list[dict], every: int, gen: GenerationEvalConfig, score_key: str,
+                 kl_key: str):
+        self.policy, self.tok, self.rows, self.every, self.gen = policy, tok, rows, every, gen
         self.score_key, self.kl_key = score_key, kl_key
         self.history = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if not self.every or not self.rows or state.global_step % self.every or self.score_key not in (logs or {}):
             return
-        responses = generate_responses(self.policy, self.tok, [r["prompt"] for r in self.rows], self.gen_cfg,
+        started = time.perf_counter()
+        responses = generate_responses(self.policy, self.tok, [r["prompt"] for r in self.rows], self.gen,
                                        "Gold check")
         gold = sum(demo.gold_score(r["prompt"][-1]["content"], x) for r, x in zip(self.rows, responses))
         self.history.append({"step": state.global_step, "gold_score": gold / len(self.rows),
-                             "score": logs.get(self.score_key), "kl": logs.get(self.kl_key)})
+                             "score": logs.get(self.score_key), "kl": logs.get(self.kl_key),
+                             "seconds": time.perf_counter() - started})
         logs["gold_score"] = self.history[-1]["gold_score"]
 
 

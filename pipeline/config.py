@@ -334,7 +334,8 @@ class PPOSettings:
     # Guard against over-optimisation: stop when the policy's mean KL to the reference exceeds this (nats
     # per response); null turns the guard off. The stop is recorded in the entry.
     kl_budget: Optional[float] = 8.0
-    # Track the gold judge's score on held-out demo prompts every this many PPO updates (0 = never).
+    # Track the gold judge's score on held-out demo prompts every this many PPO updates (0 = never), the
+    # responses sampled with the eval settings, as the final evaluation samples them (ppo_history.json).
     gold_every: int = 8
     gold_prompts: int = 48
     # Rollout batch for generation and scoring forward passes.
@@ -413,7 +414,8 @@ class GRPOSettings:
     normalize_rewards: bool = True
     # Stop when the policy's logged KL to the reference exceeds this (null: no guard), as ppo.kl_budget.
     kl_budget: Optional[float] = 8.0
-    # Track the gold judge's score on held-out demo prompts every this many steps (0 = never).
+    # Track the gold judge's score on held-out demo prompts every this many steps (0 = never), the
+    # responses sampled with the eval settings, as the final evaluation samples them.
     gold_every: int = 10
     gold_prompts: int = 48
 

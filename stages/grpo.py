@@ -92,8 +92,8 @@ def grpo(run: StageRun) -> dict:
 
     trainer_cls, args = trainer_and_args(run)
     judged = cfg.data.kind == "demo"
-    tracker = GoldTracker(policy, tok, eval_rows[:g.gold_prompts] if judged else [], g.gold_every,
-                          g.max_completion_length, cfg.eval.batch_size, "reward", "kl")
+    tracker = GoldTracker(policy, tok, eval_rows[:g.gold_prompts] if judged else [], g.gold_every, cfg.eval,
+                          "reward", "kl")
     budget = KLBudget(g.kl_budget, "kl")
     timer = StepTimer(skip=1)
     trainer = trainer_cls(model=policy, reward_funcs=funcs, args=args, train_dataset=Dataset.from_list(train_rows),

@@ -82,7 +82,7 @@ def ppo(run: StageRun) -> dict:
     args = ppo_arguments(run)
     p = cfg.ppo
     tracker = GoldTracker(policy, tok, eval_rows[:p.gold_prompts] if cfg.data.kind == "demo" else [], p.gold_every,
-                          p.response_length, cfg.eval.batch_size, "objective/scores", "objective/kl")
+                          cfg.eval, "objective/scores", "objective/kl")
     budget = KLBudget(p.kl_budget, "objective/kl")
     timer = StepTimer(skip=1)  # an update is long; the first one's warm-up is what is left out
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=reference, reward_model=scorer,

@@ -30,6 +30,9 @@ def test_time_to_a_step_takes_the_later_training_out_of_the_wall_time():
     assert time_at(trainer_stage, 100) == pytest.approx(200.0)  # 100 s of start-up and evaluation + 100 steps
     ppo = SimpleNamespace(metrics={"wall_time_s": 300.0, "ppo_steps": 24, "steady_seconds_per_step": 10.0})
     assert time_at(ppo, 8) == pytest.approx(140.0)
+    # 48 s of gold checks the bench added inside training: out of the wall time and of the steps' time
+    assert time_at(ppo, 24, checks_s=48.0) == pytest.approx(252.0)
+    assert time_at(ppo, 8, checks_s=48.0) == pytest.approx(252.0 - 192.0 * 16 / 24)
 
 
 def test_the_cost_slope_and_its_plot(tmp_path):

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import re
 from dataclasses import dataclass, field, fields
-from typing import Dict, List, Optional
+from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
@@ -145,6 +145,9 @@ class TrainerConfig:
     # Peak learning rate (AdamW), reached after warmup and decayed with the scheduler.
     learning_rate: float = 1e-3
     lr_scheduler_type: str = "cosine"
+    # The scheduler's own settings, e.g. {num_decay_steps: 40} for warmup_stable_decay (warm-up, a constant rate,
+    # then a decay over the last num_decay_steps).
+    lr_scheduler_kwargs: Dict[str, Any] = field(default_factory=dict)
     warmup_steps: int = 50
     weight_decay: float = 0.1
     max_grad_norm: float = 1.0

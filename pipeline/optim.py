@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import torch
 
+from pipeline.errors import PipelineError
+
 OPTIMIZERS = ("adamw", "muon")
 
 
@@ -40,7 +42,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
 
         muon, decay, no_decay = muon_split(model)
         if any(isinstance(p, DTensor) for p in muon):
-            raise ValueError("optimizer=muon orthogonalises whole weight matrices, and FSDP shards them: use "
+            raise PipelineError("optimizer=muon orthogonalises whole weight matrices, and FSDP shards them: use "
                              "optimizer=adamw with FSDP, or DDP with muon")
         self.muon = torch.optim.Muon(muon, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
         self.adam = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},

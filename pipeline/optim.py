@@ -38,12 +38,7 @@ class MuonWithAdamW(torch.optim.Optimizer):
     two inner optimizers' own (the learning-rate schedule reaches both), its state dict holds both."""
 
     def __init__(self, model, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
-        from torch.distributed.tensor import DTensor
-
         muon, decay, no_decay = muon_split(model)
-        if any(isinstance(p, DTensor) for p in muon):
-            raise PipelineError("optimizer=muon orthogonalises whole weight matrices, and FSDP shards them: use "
-                             "optimizer=adamw with FSDP, or DDP with muon")
         self.muon = torch.optim.Muon(muon, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
         self.adam = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps,
@@ -79,9 +74,16 @@ class MuonFactory:
         return MuonWithAdamW(model, **kwargs)
 
 
-def trainer_optimizer(name: str, args) -> tuple | None:
-    """The Trainer's `optimizer_cls_and_kwargs` for the optimizer setting (None: the Trainer's own fused AdamW)."""
+def trainer_optimizer(name: str, args, distributed_type=None) -> tuple | None:
+    """The Trainer's `optimizer_cls_and_kwargs` for the optimizer setting (None: the Trainer's own fused AdamW).
+    Muon needs each process to hold whole weight matrices: one process, or DDP."""
+    from accelerate.utils import DistributedType
+
     if name == "adamw":
         return None
+    if distributed_type in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        raise PipelineError(f"optimizer=muon orthogonalises whole weight matrices, which {distributed_type.value} "
+                            f"shards across the processes: pretrain with optimizer=adamw under it (or with muon on "
+                            f"one process or DDP)")
     return MuonFactory, {"lr": args.learning_rate, "weight_decay": args.weight_decay,
                          "betas": (args.adam_beta1, args.adam_beta2), "eps": args.adam_epsilon}

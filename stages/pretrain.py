@@ -86,7 +86,7 @@ def pretrain(run: StageRun) -> dict:
     trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
                       data_collator=default_data_collator, processing_class=tok,
                       callbacks=[StopOnNonFiniteLoss(), timer, InitialEvalLoss(run)],
-                      optimizer_cls_and_kwargs=trainer_optimizer(cfg.optimizer, args))
+                      optimizer_cls_and_kwargs=trainer_optimizer(cfg.optimizer, args, run.state.distributed_type))
     result = trainer.train(resume_from_checkpoint=run.resume_from)
     eval_loss = trainer.evaluate()["eval_loss"]
     run.log(f"Eval loss after training: {eval_loss:.4f} (perplexity {math.exp(eval_loss):.2f})")

@@ -84,7 +84,7 @@ def launch_fsdp(home: Path, stage_module: str, args: str) -> subprocess.Popen:
 def test_fsdp_run_saves_a_plain_directory_and_resumes(home):
     """Killed after its first (sharded) trainer checkpoint, the FSDP run resumes from it and completes one entry
     whose checkpoint transformers loads alone."""
-    args = "experiment=ci trainer.max_steps=120 trainer.save_steps=10 trainer.logging_steps=1000"
+    args = "experiment=ci optimizer=adamw trainer.max_steps=120 trainer.save_steps=10 trainer.logging_steps=1000"
     p = launch_fsdp(home, "stages.pretrain", args)
     deadline = time.time() + 300
     while time.time() < deadline and p.poll() is None and \

@@ -67,6 +67,18 @@ def test_the_trainer_resumes_muon_where_it_stopped(tmp_path):
         assert torch.allclose(a, b, atol=1e-6), n
 
 
+def test_muon_is_refused_where_the_matrices_are_sharded():
+    from accelerate.utils import DistributedType
+
+    from pipeline.errors import PipelineError
+
+    args = TrainingArguments(output_dir="unused", use_cpu=True, report_to="none")
+    assert trainer_optimizer("muon", args, DistributedType.MULTI_CPU) is not None  # DDP: whole matrices everywhere
+    for sharded in (DistributedType.FSDP, DistributedType.DEEPSPEED):
+        with pytest.raises(PipelineError, match="optimizer=adamw"):
+            trainer_optimizer("muon", args, sharded)
+
+
 def test_only_known_optimizers_are_accepted():
     assert trainer_optimizer("adamw", None) is None
     with pytest.raises(ValueError, match="optimizer must be one of adamw, muon"):

@@ -62,20 +62,26 @@ def matmul_peak_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 3.0) -
 
 def bare_loop_tokens_per_s(pretrain: dict, steps: int) -> float:
     """The same model (fresh, from the stage's config), batch, sequence length, document-masked attention
-    (position ids restarting every DOC_TOKENS), optimizer (fused AdamW, as the Trainer's default), schedule,
+    (position ids restarting every DOC_TOKENS), optimizer (the stage's: Muon with AdamW, or fused AdamW), schedule,
     clipping and precision (fp32 weights, bf16 autocast where the stage uses it), in a plain PyTorch loop on
     ready tensors."""
-    from transformers import AutoConfig, AutoModelForCausalLM, get_cosine_schedule_with_warmup
+    from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
+
+    from pipeline.optim import MuonWithAdamW
 
     t, block = pretrain["config"]["trainer"], pretrain["config"]["data"]["block_size"]
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrain["path"]), dtype=torch.float32)
     model.train()
-    decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-    no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-    opt = torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
-                             {"params": no_decay, "weight_decay": 0.0}], lr=t["learning_rate"], fused=True)
-    sched = get_cosine_schedule_with_warmup(opt, t["warmup_steps"], steps)
+    if pretrain["config"].get("optimizer", "adamw") == "muon":
+        opt = MuonWithAdamW(model, lr=t["learning_rate"], weight_decay=t["weight_decay"])
+    else:
+        decay = [p for n, p in model.named_parameters() if p.ndim > 1]
+        no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
+        opt = torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
+                                 {"params": no_decay, "weight_decay": 0.0}], lr=t["learning_rate"], fused=True)
+    sched = get_scheduler(t["lr_scheduler_type"], opt, t["warmup_steps"], steps,
+                          scheduler_specific_kwargs=scheduler_settings_of(t))
     batches = torch.randint(0, model.config.vocab_size, (steps, t["per_device_train_batch_size"], block))
     positions = (torch.arange(block) % DOC_TOKENS).expand(t["per_device_train_batch_size"], block)
     ends = []
@@ -91,6 +97,14 @@ def bare_loop_tokens_per_s(pretrain: dict, steps: int) -> float:
         ends.append(time.perf_counter())
     per_step = (ends[-1] - ends[WARMUP_STEPS]) / (len(ends) - 1 - WARMUP_STEPS)
     return t["per_device_train_batch_size"] * block / per_step
+
+
+def scheduler_settings_of(t: dict) -> dict:
+    from pipeline.config import TrainerConfig
+    from pipeline.run import scheduler_settings
+
+    return scheduler_settings(TrainerConfig(lr_scheduler_type=t["lr_scheduler_type"],
+                                            lr_scheduler_kwargs=t.get("lr_scheduler_kwargs") or {}))
 
 
 def precision(pretrain: dict) -> str:

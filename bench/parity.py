@@ -58,7 +58,8 @@ def pipeline_args(data: Path, seed: int) -> dict:
     extra = ",".join(str(data / f"{f}.jsonl") for f in ("sft", "pairs", "prompts"))
     return {
         "pretrain": f"data=local data.path={data}/corpus.jsonl data.block_size=128 tokenizer.vocab_size=1024 "
-                    f"tokenizer.extra_text=[{extra}] trainer.max_steps=500 trainer.per_device_train_batch_size=32",
+                    f"tokenizer.extra_text=[{extra}] trainer.max_steps=500 trainer.per_device_train_batch_size=32 "
+                    f"optimizer=adamw trainer.lr_scheduler_type=cosine",  # the plain script's optimizer and schedule
         "sft": f"data=local data.path={data}/sft.jsonl trainer.max_steps=250 trainer.per_device_train_batch_size=16 "
                f"trainer.learning_rate=5e-4",
         # 2 epochs of the 8,000 pairs at batch 16

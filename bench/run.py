@@ -68,6 +68,7 @@ def bare_loop_tokens_per_s(pretrain: dict, steps: int) -> float:
     from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 
     from pipeline.optim import MuonWithAdamW
+    from pipeline.run import scheduler_settings
 
     t, block = pretrain["config"]["trainer"], pretrain["config"]["data"]["block_size"]
     torch.manual_seed(0)
@@ -81,7 +82,7 @@ def bare_loop_tokens_per_s(pretrain: dict, steps: int) -> float:
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=t["learning_rate"], fused=True)
     sched = get_scheduler(t["lr_scheduler_type"], opt, t["warmup_steps"], steps,
-                          scheduler_specific_kwargs=scheduler_settings_of(t))
+                          scheduler_specific_kwargs=scheduler_settings(t["lr_scheduler_type"], t.get("lr_scheduler_kwargs") or {}))
     batches = torch.randint(0, model.config.vocab_size, (steps, t["per_device_train_batch_size"], block))
     positions = (torch.arange(block) % DOC_TOKENS).expand(t["per_device_train_batch_size"], block)
     ends = []
@@ -97,14 +98,6 @@ def bare_loop_tokens_per_s(pretrain: dict, steps: int) -> float:
         ends.append(time.perf_counter())
     per_step = (ends[-1] - ends[WARMUP_STEPS]) / (len(ends) - 1 - WARMUP_STEPS)
     return t["per_device_train_batch_size"] * block / per_step
-
-
-def scheduler_settings_of(t: dict) -> dict:
-    from pipeline.config import TrainerConfig
-    from pipeline.run import scheduler_settings
-
-    return scheduler_settings(TrainerConfig(lr_scheduler_type=t["lr_scheduler_type"],
-                                            lr_scheduler_kwargs=t.get("lr_scheduler_kwargs") or {}))
 
 
 def precision(pretrain: dict) -> str:

@@ -203,15 +203,15 @@ def resolved_precision(setting: str) -> str:
     return "bf16" if amx is not None and amx() else "no"
 
 
-def scheduler_settings(t: TrainerConfig) -> dict:
+def scheduler_settings(scheduler: str, settings: dict) -> dict:
     """trainer.lr_scheduler_kwargs that the chosen scheduler takes: a stage's default settings for its own schedule
     (pretraining's num_decay_steps) do not stop a run that picks another (trainer.lr_scheduler_type=linear)."""
     import inspect
 
     from transformers.optimization import TYPE_TO_SCHEDULER_FUNCTION, SchedulerType
 
-    takes = inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(t.lr_scheduler_type)]).parameters
-    return {k: v for k, v in t.lr_scheduler_kwargs.items() if k in takes}
+    takes = inspect.signature(TYPE_TO_SCHEDULER_FUNCTION[SchedulerType(scheduler)]).parameters
+    return {k: v for k, v in settings.items() if k in takes}
 
 
 def trainer_arguments(t: TrainerConfig, run: StageRun) -> dict:
@@ -222,7 +222,7 @@ def trainer_arguments(t: TrainerConfig, run: StageRun) -> dict:
         max_steps=t.max_steps,
         learning_rate=t.learning_rate,
         lr_scheduler_type=t.lr_scheduler_type,
-        lr_scheduler_kwargs=scheduler_settings(t),
+        lr_scheduler_kwargs=scheduler_settings(t.lr_scheduler_type, t.lr_scheduler_kwargs),
         warmup_steps=t.warmup_steps,
         weight_decay=t.weight_decay,
         max_grad_norm=t.max_grad_norm,

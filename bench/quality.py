@@ -100,24 +100,16 @@ def reward_curve(entry, cache_dir: Path) -> list[dict]:
             for step, path in checkpoints(entry)]
 
 
-def ppo_curve(entry, sft_path: str) -> list[dict]:
+def ppo_curve(entry) -> list[dict]:
     """The PPO run's own gold checks (responses sampled as its final evaluation samples them, on its first
-    ppo.gold_prompts held-out prompts), as gains over the SFT model's responses to the same prompts, same noise."""
+    ppo.gold_prompts held-out prompts), as gains over the SFT model's responses to the same prompts with the same
+    noise: those its final evaluation scored (samples.jsonl, `sft_gold`)."""
     import json
 
-    from pipeline import demo
-    from pipeline.config import GenerationEvalConfig
-    from pipeline.data import demo_heldout_prompts
-    from pipeline.evaluation import generate_responses
-    from pipeline.models import load_causal_lm
-
-    cfg = entry.config
     history = json.loads((Path(entry.path) / "ppo_history.json").read_text())["gold"]
-    rows = demo_heldout_prompts(cfg["eval"]["num_prompts"], cfg["seed"])[:cfg["ppo"]["gold_prompts"]]
-    model, tok = load_causal_lm(sft_path, False)
-    responses = generate_responses(model, tok, [r["prompt"] for r in rows], GenerationEvalConfig(**cfg["eval"]),
-                                   "SFT gold check")
-    start = sum(demo.gold_score(r["prompt"][-1]["content"], x) for r, x in zip(rows, responses)) / len(rows)
+    with open(Path(entry.path) / "samples.jsonl") as f:
+        sft_gold = [json.loads(line)["sft_gold"] for line in f][:entry.config["ppo"]["gold_prompts"]]
+    start = sum(sft_gold) / len(sft_gold)
     return [{"step": 0, "gold_score": start, "gold_gain": 0.0}] + [
         {"step": h["step"], "gold_score": h["gold_score"], "gold_gain": h["gold_score"] - start,
          "check_seconds": h.get("seconds", 0.0)} for h in history]
@@ -138,7 +130,8 @@ def time_to_quality(root: Path, extra: str) -> dict:
 
     cmd = ["make", "--no-print-directory", "all",
            f"ARGS=registry.root={root} logging=none registry.keep_trainer_checkpoints=true "
-           f"trainer.save_steps={CURVE_EVERY} trainer.save_total_limit=1000 ppo.gold_prompts={PPO_CURVE_PROMPTS} {extra}"]
+           f"trainer.save_steps={CURVE_EVERY} trainer.save_total_limit=1000 ppo.gold_prompts={PPO_CURVE_PROMPTS} "
+           f"{extra}"]
     print(f"Time to quality: {' '.join(cmd)}", flush=True)
     started = time.time()
     r = subprocess.run(cmd, cwd=Path(__file__).resolve().parent.parent, capture_output=True, text=True)
@@ -150,7 +143,7 @@ def time_to_quality(root: Path, extra: str) -> dict:
     cache = root / "cache"
     curves = {"pretrain": pretrain_curve(entries["pretrain"], cache), "sft": sft_curve(entries["sft"]),
               "reward": reward_curve(entries["reward"], cache),
-              "ppo": ppo_curve(entries["ppo"], entries["sft"].path)}
+              "ppo": ppo_curve(entries["ppo"])}
     out = {"make_all_s": total, "marks": {s: {k: f"{op} {v}" for k, (op, v) in m.items()} for s, m in MARKS.items()}}
     for stage, curve in curves.items():
         e = entries[stage]

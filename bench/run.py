@@ -81,8 +81,8 @@ def bare_loop_tokens_per_s(pretrain: dict, steps: int) -> float:
         no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
                                  {"params": no_decay, "weight_decay": 0.0}], lr=t["learning_rate"], fused=True)
-    sched = get_scheduler(t["lr_scheduler_type"], opt, t["warmup_steps"], steps,
-                          scheduler_specific_kwargs=scheduler_settings(t["lr_scheduler_type"], t.get("lr_scheduler_kwargs") or {}))
+    settings = scheduler_settings(t["lr_scheduler_type"], t.get("lr_scheduler_kwargs") or {})
+    sched = get_scheduler(t["lr_scheduler_type"], opt, t["warmup_steps"], steps, scheduler_specific_kwargs=settings)
     batches = torch.randint(0, model.config.vocab_size, (steps, t["per_device_train_batch_size"], block))
     positions = (torch.arange(block) % DOC_TOKENS).expand(t["per_device_train_batch_size"], block)
     ends = []

@@ -4,7 +4,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from bench.quality import meets, time_at
+from bench.quality import meets, ppo_curve, time_at
 from bench.run import sections
 from bench.scaling import plot, slope
 
@@ -33,6 +33,17 @@ def test_time_to_a_step_takes_the_later_training_out_of_the_wall_time():
     # 48 s of gold checks the bench added inside training: out of the wall time and of the steps' time
     assert time_at(ppo, 24, checks_s=48.0) == pytest.approx(252.0)
     assert time_at(ppo, 8, checks_s=48.0) == pytest.approx(252.0 - 192.0 * 16 / 24)
+
+
+def test_ppo_gains_are_over_the_sft_responses_its_final_evaluation_scored(tmp_path):
+    import json
+
+    (tmp_path / "ppo_history.json").write_text(json.dumps({"gold": [{"step": 8, "gold_score": 0.9, "seconds": 3.0}]}))
+    (tmp_path / "samples.jsonl").write_text("".join(json.dumps({"sft_gold": g}) + "\n" for g in (0.5, 0.7, 0.0)))
+    entry = SimpleNamespace(path=str(tmp_path), config={"ppo": {"gold_prompts": 2}})  # checks on the first 2
+    start, check = ppo_curve(entry)
+    assert start == {"step": 0, "gold_score": pytest.approx(0.6), "gold_gain": 0.0}
+    assert check["gold_gain"] == pytest.approx(0.3) and check["check_seconds"] == 3.0
 
 
 def test_the_cost_slope_and_its_plot(tmp_path):

@@ -99,7 +99,8 @@ def run_plain(data: Path, out: Path, seed: int, threads: int) -> tuple[dict, dic
     """The plain script, in the precision the pipeline's stages resolve to on this machine."""
     from pipeline.run import resolved_precision
 
-    bf16 = ["--bf16"] if resolved_precision("auto") == "bf16" else []
+    bf16 = [s for s in STAGES if resolved_precision("auto", s) == "bf16"]
+    bf16 = ["--bf16", *bf16] if bf16 else []
     r = subprocess.run([sys.executable, str(ROOT / "bench" / "plain_rlhf.py"), "--data", str(data), "--out", str(out),
                         "--seed", str(seed), *bf16], cwd=ROOT, text=True,
                        env={**os.environ, "OMP_NUM_THREADS": str(threads)})

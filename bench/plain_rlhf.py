@@ -10,8 +10,8 @@ directories) and OUT/plain.json (pretraining eval loss before and after, seconds
 The tokenizer: a byte-level BPE trained on everything the model will read, the pretraining stories and the
 fine-tuning text (demonstrations, pairs, prompts), as one does for a model trained from scratch on known
 data; pad and chat markers are special tokens, and the chat template ends each turn with eos.
-Hyper-parameters are the stages' where they are named below (precision too: --bf16 where the pipeline trains
-in bf16); everything else is the libraries' default.
+Hyper-parameters are the stages' where they are named below (precision too: --bf16 STAGE... for the stages
+the pipeline trains in bf16); everything else is the libraries' default.
 """
 import argparse
 import json
@@ -77,7 +77,7 @@ def pretrain(a, data, out):
     model = LlamaForCausalLM(config)
     args = TrainingArguments(out / "trainer-pretrain", max_steps=a.pretrain_steps, per_device_train_batch_size=32,
                              learning_rate=2e-3, warmup_steps=30, lr_scheduler_type="cosine", logging_steps=25,
-                             save_strategy="no", report_to=[], seed=a.seed, bf16=a.bf16)
+                             save_strategy="no", report_to=[], seed=a.seed, bf16="pretrain" in a.bf16)
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held,
                       data_collator=default_data_collator)
     before = trainer.evaluate()["eval_loss"]
@@ -92,7 +92,7 @@ def sft(a, data, out):
     rows = [{"messages": r["messages"]} for r in read(data / "sft.jsonl")]
     args = SFTConfig(out / "trainer-sft", max_steps=a.sft_steps, per_device_train_batch_size=16, learning_rate=5e-4,
                      warmup_steps=20, assistant_only_loss=True, max_length=512, logging_steps=25,
-                     save_strategy="no", report_to=[], seed=a.seed, bf16=a.bf16)
+                     save_strategy="no", report_to=[], seed=a.seed, bf16="sft" in a.bf16)
     trainer = SFTTrainer(model=str(out / "pretrain"), args=args, train_dataset=Dataset.from_list(rows))
     trainer.train()
     trainer.save_model(out / "sft")
@@ -104,7 +104,7 @@ def reward(a, data, out):
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in read(data / "pairs.jsonl")]
     args = RewardConfig(out / "trainer-reward", num_train_epochs=a.reward_epochs, per_device_train_batch_size=16,
                         learning_rate=3e-4, max_length=512, logging_steps=25, save_strategy="no", report_to=[],
-                        seed=a.seed, bf16=a.bf16)
+                        seed=a.seed, bf16="reward" in a.bf16)
     trainer = RewardTrainer(model=str(out / "sft"), args=args, train_dataset=Dataset.from_list(rows))
     trainer.train()
     trainer.save_model(out / "reward")
@@ -122,7 +122,7 @@ def ppo(a, data, out):
     args = PPOConfig(out / "trainer-ppo", total_episodes=a.ppo_episodes, per_device_train_batch_size=64,
                      num_mini_batches=4, num_ppo_epochs=2, learning_rate=3e-5, response_length=80,
                      stop_token="eos", temperature=1.0, missing_eos_penalty=1.0, kl_coef=0.05,
-                     num_sample_generations=0, save_strategy="no", report_to=[], seed=a.seed, bf16=a.bf16)
+                     num_sample_generations=0, save_strategy="no", report_to=[], seed=a.seed, bf16="ppo" in a.bf16)
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
                          value_model=value, train_dataset=ds, eval_dataset=ds.select(range(16)))
     trainer.train()
@@ -143,7 +143,8 @@ def main():
     ap.add_argument("--reward-epochs", type=float, default=2)
     ap.add_argument("--ppo-episodes", type=int, default=2048)
     ap.add_argument("--stages", default="pretrain,sft,reward,ppo")
-    ap.add_argument("--bf16", action="store_true", help="bf16 autocast (as the pipeline's stages use where it is fast)")
+    ap.add_argument("--bf16", nargs="*", default=[], metavar="STAGE",
+                    help="the stages trained in bf16 autocast (as the pipeline's stages are where it pays)")
     a = ap.parse_args()
     a.out.mkdir(parents=True, exist_ok=True)
     result_file = a.out / "plain.json"

@@ -104,7 +104,7 @@ def precision(pretrain: dict) -> str:
     """The pretraining run's mixed precision as it ran here (no or bf16)."""
     from pipeline.run import resolved_precision
 
-    return resolved_precision(pretrain["config"]["trainer"]["mixed_precision"])
+    return resolved_precision(pretrain["config"]["trainer"]["mixed_precision"], "pretrain")
 
 
 def flops_per_token(pretrain: dict) -> float:
@@ -184,11 +184,11 @@ def precision_table(root: Path, extra: str, peaks: dict) -> dict:
             for p in precisions:
                 entry = make_stage(stage, root, f"{args} trainer.mixed_precision={p} {extra}")
                 times[name][p].append(entry["metrics"]["steady_seconds_per_step"])
-    auto = resolved_precision("auto")
     table = {}
     for name, t in times.items():
         fp32, bf16 = statistics.median(t["no"]), statistics.median(t["bf16"]) if "bf16" in t else None
         faster = "bf16" if bf16 is not None and bf16 < fp32 else "no"
+        auto = resolved_precision("auto", PRECISION_RUNS[name][0])
         table[name] = {"fp32_s_per_step": fp32, "bf16_s_per_step": bf16,
                        "bf16_speedup": fp32 / bf16 if bf16 else peaks["bf16"] / peaks["fp32"],
                        "faster": faster, "auto": auto, "auto_is_faster": auto == faster}
@@ -231,7 +231,7 @@ def main() -> None:
     if chosen["scaling"]:
         from bench.scaling import scaling
 
-        dtype = torch.bfloat16 if resolved_precision("auto") == "bf16" else torch.float32
+        dtype = torch.bfloat16 if resolved_precision("auto", "pretrain") == "bf16" else torch.float32
         print("Scaling: the pretraining stage across model sizes and sequence lengths", flush=True)
         out["scaling"] = scaling(make_stage, flops_per_token, root, home, extra, matmul_peak_flops(dtype))
     out["machine"] = {"cpus": os.cpu_count(), "torch": torch.__version__, "threads": torch.get_num_threads()}

@@ -61,15 +61,15 @@ def pearson(xs: list[float], ys: list[float]) -> float:
 def evaluate_pairs(rm: RewardModel, pairs: list[dict], classes: list[str | None] | None = None) -> dict:
     """Accuracy and margin on held-out pairs, and the accuracy per class of rejected response where the pairs
     name one (eval_accuracy/<class>); mean/std of scores of their responses; score-length correlation."""
-    margins = rm.pair_margins(pairs)
+    prompts = [p.get("prompt") for p in pairs] * 2
+    responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    scores = rm.score(prompts, responses)  # every response scored once: the margins are their differences
+    margins = [c - r for c, r in zip(scores[:len(pairs)], scores[len(pairs):])]
     accuracy, margin = sum(m > 0 for m in margins) / len(margins), statistics.fmean(margins)
     per_class = {}
     for c, m in zip(classes or [], margins):
         if c is not None:
             per_class.setdefault(c, []).append(m > 0)
-    prompts = [p.get("prompt") for p in pairs] * 2
-    responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    scores = rm.score(prompts, responses)
     lengths = [len(r if isinstance(r, str) else r[-1]["content"]) for r in responses]
     return {"eval_accuracy": accuracy, "eval_margin": margin, "score_mean": statistics.fmean(scores),
             "score_std": statistics.pstdev(scores), "length_correlation": pearson(scores, lengths),

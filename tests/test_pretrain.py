@@ -92,14 +92,18 @@ def test_two_processes_make_one_entry(home):
     assert entries[0]["metrics"]["eval_loss"] < entries[0]["metrics"]["initial_eval_loss"]
 
 
-@pytest.mark.parametrize("cuda, cuda_bf16, amx, expect", [
-    (False, False, True, "bf16"), (False, False, False, "no"), (True, True, False, "bf16"), (True, False, True, "no")])
-def test_auto_precision_is_bf16_only_where_it_is_fast(monkeypatch, cuda, cuda_bf16, amx, expect):
+@pytest.mark.parametrize("cuda, cuda_bf16, amx, avx512_bf16, stage, expect", [
+    (False, False, True, False, "sft", "bf16"), (False, False, False, True, "pretrain", "bf16"),
+    (False, False, False, True, "sft", "no"), (False, False, False, True, "ppo", "no"),
+    (False, False, False, False, "pretrain", "no"), (True, True, False, False, "ppo", "bf16"),
+    (True, False, True, True, "pretrain", "no")])
+def test_auto_precision_is_bf16_only_where_it_is_fast(monkeypatch, cuda, cuda_bf16, amx, avx512_bf16, stage, expect):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
     monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda: cuda_bf16)
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
-    assert resolved_precision("auto") == expect
-    assert resolved_precision("no") == "no" and resolved_precision("bf16") == "bf16"
+    monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
+    assert resolved_precision("auto", stage) == expect
+    assert resolved_precision("no", stage) == "no" and resolved_precision("bf16", stage) == "bf16"
 
 
 def test_evaluation_after_mixed_precision_training_runs_in_fp32():

@@ -22,11 +22,14 @@ from pathlib import Path
 import torch
 
 # The quality marks: what the demo's defaults reach (README, "The whole pipeline", and Pretraining's table), less
-# about the spread between seeds. A point meets its stage's mark when every figure named meets it.
+# about the spread between seeds. A point meets its stage's mark when every figure named meets it. The reward
+# model's: every class of flaw but swap is learned (1.00) and swap stays near chance (0.46-0.59 of its ~54 of
+# the 400 pairs in each of six runs), so accuracy is 0.865 plus a coin-flip share, spread by about 0.01 from that
+# alone.
 MARKS = {
     "pretrain": {"eval_loss": ("<=", 0.40), "kinds_copied": (">=", 4)},
     "sft": {"gold_score": (">=", 0.68)},
-    "reward": {"eval_accuracy": (">=", 0.93)},
+    "reward": {"eval_accuracy": (">=", 0.92)},
     "ppo": {"gold_gain": (">=", 0.08)},
 }
 CURVE_EVERY = 50  # trainer checkpoints kept this many steps apart, each evaluated after the stage

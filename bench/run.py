@@ -25,7 +25,11 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_TOKENS = 100       # the bare loop's documents: about the demo corpus's mean length in tokens
-ROUNDS = 2             # stage and bare loop measured alternately, this many times each
+ROUNDS = 2             # the precision table's stages and SFT's layouts measured alternately, this many times each
+# The pretraining stage and the bare loop measured alternately, this many times each, each side first in turn (so
+# that the machine's speed drifting over the rounds favours neither); their ratio is the median of the rounds'
+# ratios: a round's ratio scatters by 5-9% here
+PRETRAIN_ROUNDS = 3
 PRETRAIN_STEPS = 60    # per measurement; the first 5 steps of each are warm-up and not counted
 WARMUP_STEPS = 5
 
@@ -258,18 +262,23 @@ def speed(root: Path, extra: str) -> dict:
     from pipeline.config import overrides_for
 
     out: dict = {}
-    print(f"Pretraining stage against a bare loop, {ROUNDS} rounds of {PRETRAIN_STEPS} steps each", flush=True)
+    print(f"Pretraining stage against a bare loop, {PRETRAIN_ROUNDS} rounds of {PRETRAIN_STEPS} steps each", flush=True)
     stage_rates, bare_rates = [], []
     pretrain_args = (f"trainer.max_steps={PRETRAIN_STEPS} trainer.save_steps={PRETRAIN_STEPS} "
                      f"data.max_eval_blocks=16 {extra}")
-    for _ in range(ROUNDS):
+    pretrain = None
+    for i in range(PRETRAIN_ROUNDS):
+        if i % 2:  # the bare loop first (on the previous round's model config)
+            bare_rates.append(bare_loop_tokens_per_s(pretrain, PRETRAIN_STEPS))
         pretrain = make_stage("pretrain", root, pretrain_args)
         stage_rates.append(pretrain["metrics"]["steady_tokens_per_s"])
-        bare_rates.append(bare_loop_tokens_per_s(pretrain, PRETRAIN_STEPS))
-        print(f"  stage {stage_rates[-1]:.0f} tokens/s, bare loop {bare_rates[-1]:.0f} tokens/s", flush=True)
+        if not i % 2:
+            bare_rates.append(bare_loop_tokens_per_s(pretrain, PRETRAIN_STEPS))
+        print(f"  stage {stage_rates[-1]:.0f} tokens/s, bare loop {bare_rates[-1]:.0f} tokens/s "
+              f"({'bare loop' if i % 2 else 'stage'} first)", flush=True)
     out["pretrain_tokens_per_s"] = statistics.median(stage_rates)
     out["bare_loop_tokens_per_s"] = statistics.median(bare_rates)
-    out["pretrain_vs_bare_ratio"] = out["pretrain_tokens_per_s"] / out["bare_loop_tokens_per_s"]
+    out["pretrain_vs_bare_ratio"] = statistics.median(s / b for s, b in zip(stage_rates, bare_rates))
     out["pretrain_precision"] = precision(pretrain)
     print("Peak matmul rate (fp32 and bf16)", flush=True)
     peaks = {"fp32": matmul_peak_flops(torch.float32), "bf16": matmul_peak_flops(torch.bfloat16)}

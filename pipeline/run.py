@@ -193,8 +193,9 @@ def _open_entry(stage: str, cfg, config: dict, parents: list[str], registry: Reg
 
 
 # The stages that auto runs in bf16 on a CPU whose bf16 matmuls are AVX-512 BF16 alone (about twice the fp32 rate,
-# not AMX's several times): pretraining, whose large matmuls gain 1.2-1.4x a step. The fine-tuning stages gain little
-# or lose there (reward 1.04x, PPO 0.98x), and SFT in bf16 lost 0.03 gold on each of two seeds (README, Time to quality).
+# not AMX's several times): pretraining, whose large matmuls gain 1.2-1.4x a step. The fine-tuning stages gain
+# little or lose there (reward 1.04x, PPO 0.98x), and SFT in bf16 lost 0.03 gold on each of two seeds (README,
+# Time to quality).
 AVX512_BF16_STAGES = ("pretrain",)
 
 

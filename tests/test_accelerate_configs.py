@@ -13,6 +13,7 @@ from accelerate.utils import DistributedType
 
 from transformers import AutoModelForCausalLM
 
+from pipeline.run import resolved_precision
 from tests.conftest import ROOT, env_for, kill, make, registry_entries
 
 CONFIGS = {
@@ -102,7 +103,8 @@ def test_fsdp_run_saves_a_plain_directory_and_resumes(home):
     assert list(Path(killed["path"]).glob("trainer/checkpoint-*/pytorch_model_fsdp*"))  # saved by the FSDP path
 
     out = launch_fsdp(home, "stages.pretrain", args).communicate(timeout=600)[0]
-    assert f"Resuming {killed['id']} from" in out and "(2 processes, FSDP, cpu, fp32)" in out, out[-3000:]
+    precision = "fp32" if resolved_precision("auto", "pretrain") == "no" else "bf16 autocast"
+    assert f"Resuming {killed['id']} from" in out and f"(2 processes, FSDP, cpu, {precision})" in out, out[-3000:]
     assert "WARNING" not in out
     [e] = registry_entries(home)
     assert e["id"] == killed["id"] and e["status"] == "complete" and e["metrics"]["global_step"] == 120

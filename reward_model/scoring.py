@@ -70,12 +70,15 @@ class RewardModel:
         return self.score_texts([as_text(self.tok, p, r) for p, r in zip(prompts, responses)], batch_size,
                                 add_special_tokens=plain)
 
+    def pair_scores(self, pairs: list[dict], batch_size: int = 32) -> tuple[list[float], list[float]]:
+        """(scores of the chosen responses, scores of the rejected ones), each response scored once."""
+        prompts = [p.get("prompt") for p in pairs]
+        scores = self.score(prompts * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], batch_size)
+        return scores[:len(pairs)], scores[len(pairs):]
+
     def pair_margins(self, pairs: list[dict], batch_size: int = 32) -> list[float]:
         """score(chosen) - score(rejected), per pair."""
-        prompts = [p.get("prompt") for p in pairs]
-        chosen = self.score(prompts, [p["chosen"] for p in pairs], batch_size)
-        rejected = self.score(prompts, [p["rejected"] for p in pairs], batch_size)
-        return [c - r for c, r in zip(chosen, rejected)]
+        return [c - r for c, r in zip(*self.pair_scores(pairs, batch_size))]
 
     def pair_accuracy(self, pairs: list[dict], batch_size: int = 32) -> tuple[float, float]:
         """(share of pairs whose chosen response outscores the rejected one, mean margin)."""

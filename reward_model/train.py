@@ -61,10 +61,9 @@ def pearson(xs: list[float], ys: list[float]) -> float:
 def evaluate_pairs(rm: RewardModel, pairs: list[dict], classes: list[str | None] | None = None) -> dict:
     """Accuracy and margin on held-out pairs, and the accuracy per class of rejected response where the pairs
     name one (eval_accuracy/<class>); mean/std of scores of their responses; score-length correlation."""
-    prompts = [p.get("prompt") for p in pairs] * 2
-    responses = [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
-    scores = rm.score(prompts, responses)  # every response scored once: the margins are their differences
-    margins = [c - r for c, r in zip(scores[:len(pairs)], scores[len(pairs):])]
+    chosen, rejected = rm.pair_scores(pairs)
+    scores, responses = chosen + rejected, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    margins = [c - r for c, r in zip(chosen, rejected)]
     accuracy, margin = sum(m > 0 for m in margins) / len(margins), statistics.fmean(margins)
     per_class = {}
     for c, m in zip(classes or [], margins):

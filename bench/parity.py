@@ -97,7 +97,7 @@ def run_pipeline(data: Path, registry: Path, seed: int, threads: int) -> tuple[d
 
 def run_plain(data: Path, out: Path, seed: int, threads: int) -> tuple[dict, dict]:
     """The plain script, in the precision the pipeline's stages resolve to on this machine."""
-    from pipeline.run import resolved_precision
+    from pipeline.trainer import resolved_precision
 
     bf16 = [s for s in STAGES if resolved_precision("auto", s) == "bf16"]
     bf16 = ["--bf16", *bf16] if bf16 else []

@@ -51,13 +51,13 @@ def checkpoints(entry) -> list[tuple[int, Path]]:
 def pretrain_curve(entry, cache_dir: Path) -> list[dict]:
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments, default_data_collator
 
-    from pipeline.config import DataConfig
+    from pipeline.config import CorpusData
     from pipeline.data import load_corpus, pack_into_blocks
     from pipeline.evaluation import copy_rate
 
     cfg = entry.config
     tok = AutoTokenizer.from_pretrained(entry.path)
-    _, eval_docs = load_corpus(DataConfig(**cfg["data"]), cfg["seed"], cache_dir)
+    _, eval_docs = load_corpus(CorpusData(**cfg["data"]), cfg["seed"], cache_dir)
     blocks = pack_into_blocks(eval_docs, tok, cfg["data"]["block_size"], "eval corpus")
     blocks = blocks.select(range(min(len(blocks), cfg["data"]["max_eval_blocks"])))
     args = TrainingArguments(output_dir=str(cache_dir / "curve-eval"), report_to="none", use_cpu=True,
@@ -90,13 +90,13 @@ def sft_curve(entry) -> list[dict]:
 
 
 def reward_curve(entry, cache_dir: Path) -> list[dict]:
-    from pipeline.config import DataConfig
+    from pipeline.config import PairData
     from pipeline.data import load_preference_data
     from pipeline.models import load_reward_model
     from reward_model.scoring import RewardModel
 
     cfg = entry.config
-    _, pairs = load_preference_data(DataConfig(**cfg["data"]), cfg["seed"], cache_dir)
+    _, pairs = load_preference_data(PairData(**cfg["data"]), cfg["seed"], cache_dir)
     for p in pairs:
         p.pop("flaw", None)
     return [{"step": step, "eval_accuracy": RewardModel(*load_reward_model(str(path), False)).pair_accuracy(pairs)[0]}

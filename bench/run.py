@@ -72,7 +72,7 @@ def bare_loop_tokens_per_s(pretrain: dict, steps: int) -> float:
     from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
 
     from pipeline.optim import MuonWithAdamW
-    from pipeline.run import scheduler_settings
+    from pipeline.trainer import scheduler_settings
 
     t, block = pretrain["config"]["trainer"], pretrain["config"]["data"]["block_size"]
     torch.manual_seed(0)
@@ -106,7 +106,7 @@ def bare_loop_tokens_per_s(pretrain: dict, steps: int) -> float:
 
 def precision(pretrain: dict) -> str:
     """The pretraining run's mixed precision as it ran here (no or bf16)."""
-    from pipeline.run import resolved_precision
+    from pipeline.trainer import resolved_precision
 
     return resolved_precision(pretrain["config"]["trainer"]["mixed_precision"], "pretrain")
 
@@ -178,7 +178,7 @@ def precision_table(root: Path, extra: str, peaks: dict) -> dict:
     """Steady seconds per step of each stage in fp32 and in bf16 autocast, run alternately, and what
     trainer.mixed_precision=auto picks here. Where bf16 matmuls run at under half the fp32 rate (no native bf16:
     no AMX, no bf16 GPU), no stage can be faster in bf16 and its bf16 runs are skipped (None)."""
-    from pipeline.run import resolved_precision
+    from pipeline.trainer import resolved_precision
 
     bf16_viable = peaks["bf16"] >= 0.5 * peaks["fp32"]
     precisions = ("no", "bf16") if bf16_viable else ("no",)
@@ -216,7 +216,7 @@ def sections(argv: list[str]) -> tuple[dict, str]:
 
 def main() -> None:
     from pipeline.registry import default_root
-    from pipeline.run import resolved_precision
+    from pipeline.trainer import resolved_precision
 
     home = Path(default_root()).resolve()
     root = home / "bench"

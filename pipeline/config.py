@@ -7,7 +7,9 @@ the cross-field checks in each `__post_init__`, before any model or data set is 
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass, field, fields
+import sys
+import typing
+from dataclasses import dataclass, field, fields, is_dataclass
 from typing import Any, Dict, List, Optional
 
 from hydra.core.config_store import ConfigStore
@@ -15,11 +17,12 @@ from omegaconf import MISSING, DictConfig, OmegaConf
 
 from pipeline import demo
 from pipeline.errors import PipelineError
-from pipeline.optim import OPTIMIZERS
 
 DATA_KINDS = ("demo", "file", "hub")
 LOGGING_BACKENDS = ("wandb", "none")
 RESUME_MODES = ("auto", "never")
+# The pretraining optimizers (pipeline/optim.py builds them).
+OPTIMIZERS = ("adamw", "muon")
 
 
 @dataclass
@@ -76,49 +79,21 @@ class TokenizerConfig:
 
 
 @dataclass
-class DataConfig:
-    """Where a stage's examples come from. Each stage reads the fields of its kind of data."""
-    # Where the data comes from: demo (generated), file (.txt/.jsonl/.parquet), hub (a dataset id).
+class DataSource:
+    """Where a stage's data comes from: what every stage's data section holds."""
+    # demo (generated), file (.txt/.jsonl/.parquet), hub (a dataset id).
     kind: str = "demo"
     # Local file for kind=file, dataset id for kind=hub (every data preset sets it, null for the demo).
     path: Optional[str] = MISSING
-    # Column renames applied after loading, to reach TRL's formats: {instruction: prompt, output: completion}.
-    rename: Dict[str, str] = field(default_factory=dict)
-    # Column holding the text of a pretraining corpus (.jsonl/.parquet files and hub datasets).
-    text_field: str = "text"
     # Hub dataset configuration name and split.
     hub_config: Optional[str] = None
     split: str = "train"
-    # How a .txt corpus is cut into documents: "paragraph" (blank-line separated) or "line".
+    # How a .txt file is cut into rows: "paragraph" (blank-line separated) or "line".
     sample_by: str = "paragraph"
-    # Demo sizes: stories in the pretraining corpus; examples (demonstrations, pairs, prompts) for later stages.
-    num_documents: int = 20000
-    num_examples: int = 8000
-    # Share of demo demonstrations that are flawed, as real ones are (30%: the SFT model learns the flaws, and
-    # RLHF has something to remove).
-    flawed_share: float = 0.3
-    # The demo's flaw classes and their weights among flawed demonstrations and rejected responses; a class is
-    # drawn among those the task can have (a sentiment label names no element, so it has no swap; only labels
-    # have wrong_label; only labels and summaries have format). verbosity: the answer padded with talk to the
-    # reader; repetition; no_stop: rambling on, cut off mid-sentence; unhelpful: a hedge or refusal; format: a
-    # label with an explanation, a summary of several sentences; wrong_label; swap: one wrong name, animal,
-    # colour, place or object (the hard class, about 13% of flawed rows). README, "The demo's flaws".
-    flaw_shares: Dict[str, float] = field(default_factory=lambda: dict(demo.FLAW_SHARES))
-    # Share of rows held out for evaluation (at least one is always held out).
-    eval_fraction: float = 0.02
     # Cap on rows read (null = all); useful for a quick look at a large hub data set.
     max_rows: Optional[int] = None
-    # Rows with a missing field, an unknown role or an empty response stop the run (false), or are
-    # skipped and counted (true).
-    skip_bad_rows: bool = False
-    # Pretraining: tokens per sequence; documents are packed end to end into blocks of this size.
-    block_size: int = 256
-    # Pretraining: cap on held-out blocks, to keep evaluation quick.
-    max_eval_blocks: int = 200
-    # Fine-tuning: cap on held-out demonstrations and preference pairs.
-    max_eval_examples: int = 200
-    # Fine-tuning: longest tokenized example (prompt + response); longer ones are truncated.
-    max_length: int = 512
+    # Share of rows held out for evaluation (at least one is always held out).
+    eval_fraction: float = 0.02
 
     def __post_init__(self):
         if self.kind not in DATA_KINDS:
@@ -129,8 +104,52 @@ class DataConfig:
             raise ValueError(f"data.sample_by must be 'paragraph' or 'line', got {self.sample_by!r}")
         if not 0.0 < self.eval_fraction < 0.5:
             raise ValueError(f"data.eval_fraction must be in (0, 0.5), got {self.eval_fraction}")
-        if not 0.0 <= self.flawed_share <= 1.0:
-            raise ValueError(f"data.flawed_share must be in [0, 1], got {self.flawed_share}")
+
+
+@dataclass
+class CorpusData(DataSource):
+    """Pretraining's text corpus, packed into blocks."""
+    # Column holding the text (.jsonl/.parquet files and hub datasets).
+    text_field: str = "text"
+    # Stories in the demo corpus.
+    num_documents: int = 20000
+    # Tokens per sequence; documents are packed end to end into blocks of this size.
+    block_size: int = 256
+    # Cap on held-out blocks, to keep evaluation quick.
+    max_eval_blocks: int = 200
+
+
+@dataclass
+class ExampleData(DataSource):
+    """Rows of a stage after pretraining, in TRL's formats: demonstrations, preference pairs or prompts."""
+    # Column renames applied after loading, to reach TRL's formats: {instruction: prompt, output: completion}.
+    rename: Dict[str, str] = field(default_factory=dict)
+    # Rows with a missing field, an unknown role or an empty response stop the run (false), or are
+    # skipped and counted (true).
+    skip_bad_rows: bool = False
+    # Rows the demo generates (demonstrations, pairs or prompts).
+    num_examples: int = 8000
+
+
+@dataclass
+class PromptData(ExampleData):
+    """The prompts an online method samples responses to (PPO, GRPO, RLOO); its held-out prompts are eval's."""
+
+
+@dataclass
+class TrainingExamples(ExampleData):
+    """Demonstrations or preference pairs: responses to learn from, held out and capped in length."""
+    # The demo's flaw classes and their weights among flawed demonstrations and rejected responses; a class is
+    # drawn among those the task can have (a sentiment label names no element, so it has no swap; only labels
+    # have wrong_label; only labels and summaries have format). docs/demo.md describes each class.
+    flaw_shares: Dict[str, float] = field(default_factory=lambda: dict(demo.FLAW_SHARES))
+    # Cap on held-out rows.
+    max_eval_examples: int = 200
+    # Longest tokenized example (prompt + response); longer ones are truncated or left out (the log says which).
+    max_length: int = 512
+
+    def __post_init__(self):
+        super().__post_init__()
         unknown = sorted(set(self.flaw_shares) - set(demo.FLAWS))
         if unknown:
             raise ValueError(f"data.flaw_shares: unknown flaw class(es) {unknown}; the classes are {list(demo.FLAWS)}")
@@ -139,14 +158,33 @@ class DataConfig:
 
 
 @dataclass
+class PairData(TrainingExamples):
+    """Preference pairs (the reward model, DPO)."""
+
+
+@dataclass
+class DemonstrationData(TrainingExamples):
+    """SFT's demonstrations."""
+    # Share of demo demonstrations that are flawed, as real ones are: the SFT model learns the flaws, and RLHF
+    # has something to remove.
+    flawed_share: float = 0.3
+
+    def __post_init__(self):
+        super().__post_init__()
+        if not 0.0 <= self.flawed_share <= 1.0:
+            raise ValueError(f"data.flawed_share must be in [0, 1], got {self.flawed_share}")
+
+
+@dataclass
 class TrainerConfig:
-    # Optimizer steps to train for.
+    """The Trainer's settings every stage takes (pipeline/trainer.py turns them into TrainingArguments)."""
+    # Optimizer steps to train for (PPO: updates).
     max_steps: int = 1000
-    # Peak learning rate (AdamW), reached after warmup and decayed with the scheduler.
+    # Peak learning rate, reached after warmup and decayed with the scheduler.
     learning_rate: float = 1e-3
     lr_scheduler_type: str = "cosine"
     # The scheduler's own settings, e.g. {num_decay_steps: 40} for warmup_stable_decay (warm-up, a constant rate,
-    # then a decay over the last num_decay_steps).
+    # then a decay over the last num_decay_steps); those the chosen scheduler does not take are left out.
     lr_scheduler_kwargs: Dict[str, Any] = field(default_factory=dict)
     warmup_steps: int = 50
     weight_decay: float = 0.1
@@ -155,22 +193,18 @@ class TrainerConfig:
     per_device_train_batch_size: int = 16
     per_device_eval_batch_size: int = 32
     gradient_accumulation_steps: int = 1
-    # Mixed precision: "auto" (bf16 autocast where the hardware runs it fast: a GPU with bf16, or a CPU with
-    # AMX tiles; fp32 elsewhere, `make bench` measures both), "no", "bf16", "fp16".
-    # Weights stay fp32; gold-score, accuracy and reward evaluations run in fp32.
+    # Mixed precision: "auto" (bf16 autocast where bf16 matmuls are native and pay: a GPU with bf16, a CPU with
+    # AMX tiles, and for pretraining a CPU with AVX-512 BF16; fp32 elsewhere: pipeline/trainer.py,
+    # resolved_precision), "no", "bf16", "fp16". Weights stay fp32; gold-score, accuracy and reward evaluations
+    # run in fp32. `make bench` measures both.
     mixed_precision: str = "auto"
-    # Steps between log lines, and between trainer checkpoints (what a rerun resumes from).
+    # Steps between log lines.
     logging_steps: int = 25
-    save_steps: int = 250
-    # Trainer checkpoints kept while training.
-    save_total_limit: int = 2
     # Data-loading worker processes (0 loads in the training process).
     dataloader_num_workers: int = 0
     # Recompute activations in the backward pass: less memory for about a third more compute. Off by
     # default (TRL's trainers turn it on); turn it on for a large model on a small GPU.
     gradient_checkpointing: bool = False
-    # Batch sequences (or preference pairs) of similar length together: far less padding when lengths vary.
-    group_by_length: bool = False
 
     def __post_init__(self):
         if self.max_steps <= 0:
@@ -179,6 +213,22 @@ class TrainerConfig:
             raise ValueError(f"trainer.learning_rate must be positive, got {self.learning_rate}")
         if self.mixed_precision not in ("auto", "no", "bf16", "fp16"):
             raise ValueError(f"trainer.mixed_precision must be auto, no, bf16 or fp16, got {self.mixed_precision!r}")
+
+
+@dataclass
+class CheckpointingTrainerConfig(TrainerConfig):
+    """A Trainer that writes checkpoints a rerun resumes from (every stage but PPO, whose TRL trainer cannot)."""
+    # Steps between trainer checkpoints (what a rerun resumes from).
+    save_steps: int = 250
+    # Trainer checkpoints kept while training.
+    save_total_limit: int = 2
+
+
+@dataclass
+class LengthGroupedTrainerConfig(CheckpointingTrainerConfig):
+    """The stages whose examples vary in length and whose sampler can group them (SFT, the reward model)."""
+    # Batch sequences (or preference pairs) of similar length together: far less padding when lengths vary.
+    group_by_length: bool = False
 
 
 @dataclass
@@ -216,9 +266,8 @@ class GenerationEvalConfig:
     num_prompts: int = 200
     max_new_tokens: int = 96
     # Sampling temperature (0 means greedy decoding). 1.0, as ppo.temperature, so that the SFT model's figures and
-    # the PPO policy's are measured on responses sampled alike, from the model's own distribution: a model's flaws
-    # show in what it samples (greedy decoding hides a flaw the model says 1 time in 10; at 0.7, TRL's PPO
-    # default, the demo's SFT model shows a quarter to a third of the flaws it shows at 1.0: little for PPO).
+    # the online policies' are measured on responses sampled alike, from the model's own distribution: a model's
+    # flaws show in what it samples, where greedy decoding (or TRL's 0.7) hides most of them.
     temperature: float = 1.0
     # Seed of the sampling noise, the same for a model and its start.
     seed: int = 0
@@ -242,8 +291,6 @@ class StageConfig:
     # "auto": rerunning the same command resumes its unfinished run; "never": always start afresh.
     resume: str = "auto"
     registry: RegistryConfig = field(default_factory=RegistryConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def __post_init__(self):
@@ -258,6 +305,8 @@ class PretrainStageConfig(StageConfig):
     model: ModelConfig = field(default_factory=ModelConfig)
     # The BPE trained for a model built from scratch.
     tokenizer: TokenizerConfig = field(default_factory=TokenizerConfig)
+    data: CorpusData = field(default_factory=CorpusData)
+    trainer: CheckpointingTrainerConfig = field(default_factory=CheckpointingTrainerConfig)
     # "adamw" (fused AdamW, the Trainer's default) or "muon": torch.optim.Muon on the hidden layers' weight
     # matrices and AdamW on the rest, at trainer.learning_rate (pipeline/optim.py). A pretraining key: the
     # fine-tuning stages train with AdamW.
@@ -281,10 +330,17 @@ class FinetuneStageConfig(StageConfig):
 
 
 @dataclass
-class SFTStageConfig(FinetuneStageConfig):
-    init_from: str = "pretrain:latest"
-    # Evaluation by generation on held-out prompts, for the fine-tuned model and its start.
+class GeneratingStageConfig(FinetuneStageConfig):
+    """A stage that ends by sampling its model's and its start's responses to held-out prompts."""
+    # Evaluation by generation on held-out prompts, for the tuned model and its start.
     eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+
+
+@dataclass
+class SFTStageConfig(GeneratingStageConfig):
+    init_from: str = "pretrain:latest"
+    data: DemonstrationData = field(default_factory=DemonstrationData)
+    trainer: LengthGroupedTrainerConfig = field(default_factory=LengthGroupedTrainerConfig)
     # How a batch of demonstrations is laid out: "padded" (each padded to the batch's longest),
     # "padding_free" (the batch flattened into one row, kept apart by position ids: no padding tokens, same
     # loss), or "auto": padding-free when the model's attention is a flash-attention kernel, which skips
@@ -303,13 +359,31 @@ class RewardStageConfig(FinetuneStageConfig):
     # The backbone of the reward model (the SFT model by default); a one-output sequence-classification head
     # is put on top.
     init_from: str = "sft:latest"
+    data: PairData = field(default_factory=PairData)
+    trainer: LengthGroupedTrainerConfig = field(default_factory=LengthGroupedTrainerConfig)
     # Warn when |correlation(score, response length)| on held-out responses exceeds this: a reward model
     # that just likes long (or short) answers.
     length_correlation_warning: float = 0.5
 
 
 @dataclass
-class PPOSettings:
+class OnlineRLSettings:
+    """What the online methods (PPO, GRPO, RLOO) share: the reward's scale, and the guards against
+    over-optimisation."""
+    # Reward-model scores are (score - score_mean) / score_std with the reward model's stored statistics, so that
+    # the policy sees rewards of unit scale (and on the scale of the reward functions they are weighed with).
+    normalize_rewards: bool = True
+    # Stop when the policy's logged KL to the reference exceeds this (nats per response); null turns the guard
+    # off. The stop is recorded in the entry.
+    kl_budget: Optional[float] = 8.0
+    # Track the gold judge's score on held-out demo prompts every this many updates (0 = never), the responses
+    # sampled with the eval settings, as the final evaluation samples them (<stage>_history.json).
+    gold_every: int = 8
+    gold_prompts: int = 48
+
+
+@dataclass
+class PPOSettings(OnlineRLSettings):
     """The details that make PPO for RLHF work (see "The N Implementation Details of RLHF with PPO")."""
     # Tokens sampled per response; a response is truncated after its first eos (the stop token).
     response_length: int = 80
@@ -322,8 +396,6 @@ class PPOSettings:
     kl_estimator: str = "k1"
     # Subtracted from the score of a response that never emits eos.
     missing_eos_penalty: float = 1.0
-    # Rewards are (score - score_mean) / score_std with the reward model's stored statistics.
-    normalize_rewards: bool = True
     # PPO: epochs over each batch of rollouts, mini-batches per epoch, policy and value clipping, value loss weight.
     num_ppo_epochs: int = 4
     num_mini_batches: int = 1
@@ -334,13 +406,6 @@ class PPOSettings:
     gamma: float = 1.0
     lam: float = 0.95
     whiten_rewards: bool = False
-    # Guard against over-optimisation: stop when the policy's mean KL to the reference exceeds this (nats
-    # per response); null turns the guard off. The stop is recorded in the entry.
-    kl_budget: Optional[float] = 8.0
-    # Track the gold judge's score on held-out demo prompts every this many PPO updates (0 = never), the
-    # responses sampled with the eval settings, as the final evaluation samples them (ppo_history.json).
-    gold_every: int = 8
-    gold_prompts: int = 48
     # Rollout batch for generation and scoring forward passes.
     rollout_batch_size: int = 64
 
@@ -352,13 +417,14 @@ class PPOSettings:
 
 
 @dataclass
-class PPOStageConfig(FinetuneStageConfig):
+class PPOStageConfig(GeneratingStageConfig):
     # The policy (and frozen reference).
     init_from: str = "sft:latest"
     # The reward model, which also initialises the value model: same kinds of reference.
     reward_model: str = "reward:latest"
-    # Evaluation by sampling on held-out prompts, for the PPO policy and its start (at ppo.temperature).
-    eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+    data: PromptData = field(default_factory=PromptData)
+    # No checkpoint settings: TRL's PPO trainer cannot resume, so the stage writes no trainer checkpoints.
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ppo: PPOSettings = field(default_factory=PPOSettings)
 
 
@@ -384,11 +450,11 @@ class DPOSettings:
 
 
 @dataclass
-class DPOStageConfig(FinetuneStageConfig):
+class DPOStageConfig(GeneratingStageConfig):
     # The policy, and its frozen reference.
     init_from: str = "sft:latest"
-    # Evaluation by sampling on held-out prompts, for the DPO policy and its start.
-    eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
+    data: PairData = field(default_factory=PairData)
+    trainer: CheckpointingTrainerConfig = field(default_factory=CheckpointingTrainerConfig)
     dpo: DPOSettings = field(default_factory=DPOSettings)
 
 
@@ -396,8 +462,9 @@ ALGORITHMS = ("grpo", "rloo")
 
 
 @dataclass
-class GRPOSettings:
-    """Online RL from groups of sampled responses (TRL's GRPOTrainer, or RLOOTrainer with algorithm=rloo)."""
+class GroupSettings(OnlineRLSettings):
+    """Online RL from groups of sampled responses, each judged against its group (RLOO's settings, and GRPO's
+    but for its loss)."""
     # Responses sampled per prompt: each is judged against the others of its group (its baseline).
     num_generations: int = 8
     # Tokens sampled per response (a response ends at its first eos).
@@ -408,19 +475,6 @@ class GRPOSettings:
     # Policy-ratio clipping, and optimisation passes over each batch of samples.
     epsilon: float = 0.2
     num_iterations: int = 1
-    # GRPO's loss aggregation (TRL's loss_type: dapo, grpo, dr_grpo, bnpo, ...) and how it scales rewards within
-    # a group (group, batch, none). RLOO uses neither.
-    loss_type: str = "dapo"
-    scale_rewards: str = "group"
-    # Reward-model scores are (score - score_mean) / score_std with the reward model's stored statistics, as in
-    # PPO, so that they sit on the scale of the reward functions they are weighed with.
-    normalize_rewards: bool = True
-    # Stop when the policy's logged KL to the reference exceeds this (null: no guard), as ppo.kl_budget.
-    kl_budget: Optional[float] = 8.0
-    # Track the gold judge's score on held-out demo prompts every this many steps (0 = never), the
-    # responses sampled with the eval settings, as the final evaluation samples them.
-    gold_every: int = 10
-    gold_prompts: int = 48
 
     def __post_init__(self):
         if self.num_generations < 2:
@@ -430,10 +484,19 @@ class GRPOSettings:
 
 
 @dataclass
-class GRPOStageConfig(FinetuneStageConfig):
+class GRPOSettings(GroupSettings):
+    """GRPO's own: how its loss aggregates and how it scales rewards."""
+    # TRL's loss_type (dapo, grpo, dr_grpo, bnpo, ...) and how rewards are scaled within a group (group, batch,
+    # none).
+    loss_type: str = "dapo"
+    scale_rewards: str = "group"
+
+
+@dataclass
+class RLOOStageConfig(GeneratingStageConfig):
     # grpo: TRL's GRPOTrainer; rloo: its RLOOTrainer (REINFORCE leave-one-out) on the same setup. The entry's
-    # stage is the algorithm's name (grpo:latest, rloo:latest).
-    algorithm: str = "grpo"
+    # stage is the algorithm's name (grpo:latest, rloo:latest). Chosen as a config group (conf/algorithm/).
+    algorithm: str = "rloo"
     init_from: str = "sft:latest"
     # The reward model to score with (a reference, as init_from). null: reward:latest when no reward_functions
     # are given, none otherwise; name one to combine it with the functions.
@@ -444,9 +507,9 @@ class GRPOStageConfig(FinetuneStageConfig):
     reward_functions: List[str] = field(default_factory=list)
     # One weight per reward source, the reward model first, then the functions in order (null: all 1).
     reward_weights: Optional[List[float]] = None
-    # Evaluation by sampling on held-out prompts, for the policy and its start (as grpo samples).
-    eval: GenerationEvalConfig = field(default_factory=GenerationEvalConfig)
-    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+    data: PromptData = field(default_factory=PromptData)
+    trainer: CheckpointingTrainerConfig = field(default_factory=CheckpointingTrainerConfig)
+    grpo: GroupSettings = field(default_factory=GroupSettings)
 
     def __post_init__(self):
         super().__post_init__()
@@ -460,19 +523,72 @@ class GRPOStageConfig(FinetuneStageConfig):
                              f"reward_functions), got {list(self.reward_weights)}")
 
 
+@dataclass
+class GRPOStageConfig(RLOOStageConfig):
+    algorithm: str = "grpo"
+    grpo: GRPOSettings = field(default_factory=GRPOSettings)
+
+
 STAGE_SCHEMAS = {"pretrain": PretrainStageConfig, "sft": SFTStageConfig, "reward": RewardStageConfig,
-                 "ppo": PPOStageConfig, "dpo": DPOStageConfig, "grpo": GRPOStageConfig}
+                 "ppo": PPOStageConfig, "dpo": DPOStageConfig, "grpo": GRPOStageConfig, "rloo": RLOOStageConfig}
+
+
+def _has_key(schema, parts: list[str]) -> bool:
+    """Whether the dotted key (as parts) names a setting of the schema: a field, a field of a section, or any key
+    under a dict field (data.flaw_shares.swap)."""
+    for i, part in enumerate(parts):
+        hints = typing.get_type_hints(schema)
+        if part not in {f.name for f in fields(schema)}:
+            return False
+        hint = hints[part]
+        if is_dataclass(hint):
+            schema = hint
+        else:
+            return typing.get_origin(hint) in (dict, Dict) or i == len(parts) - 1
+    return True
+
+
+def _key(override: str) -> list[str]:
+    """The dotted key of a Hydra override (+data.path=x, ~peft, model=hub, hydra/launcher=slurm) as parts."""
+    key = re.split(r"[=@]", override.lstrip("+~"), maxsplit=1)[0]
+    return re.split(r"[./]", key)
+
+
+HYDRA_KEYS = ("experiment", "hydra", "stage_experiment")
+
+
+def stages_with_key(override: str) -> list[str]:
+    """The stages whose config has the override's key."""
+    parts = _key(override)
+    if parts[0] in HYDRA_KEYS:
+        return list(STAGE_SCHEMAS)
+    return [stage for stage, schema in STAGE_SCHEMAS.items() if _has_key(schema, parts)]
 
 
 def overrides_for(stage: str, overrides: list[str]) -> list[str]:
     """The overrides, of those meant for several stages (make all's ARGS), that this stage's config has: a
-    pretraining key (model.hidden_size=512, tokenizer.vocab_size=...) goes to pretraining alone. One no stage
-    has is kept, so that the stage names it as unknown."""
-    def top(o: str) -> str:
-        return re.split(r"[.=/@]", o.lstrip("+~"), maxsplit=1)[0]
-    known = lambda schema: {f.name for f in fields(schema)} | {"experiment", "hydra"}
-    anywhere = set().union(*map(known, STAGE_SCHEMAS.values()))
-    return [o for o in overrides if o.startswith("-") or top(o) in known(STAGE_SCHEMAS[stage]) or top(o) not in anywhere]
+    pretraining key (model.hidden_size=512, data.block_size=512) goes to pretraining alone. One no stage has is
+    kept, so that the stage names it as unknown."""
+    def meant(o: str) -> bool:
+        having = stages_with_key(o)
+        return stage in having or not having
+    return [o for o in overrides if o.startswith("-") or meant(o)]
+
+
+def refuse_keys_of_other_stages(stage: str, argv: list[str] | None = None) -> None:
+    """Stop, naming the stages that read it, at an override this stage's config does not have but another's does
+    (data.block_size given to ppo). A key no stage has is left to Hydra, which names it as unknown."""
+    argv = sys.argv[1:] if argv is None else argv
+    if stage == "grpo" and "algorithm=rloo" in argv:
+        stage = "rloo"
+    for o in argv:
+        having = [] if o.startswith("-") else stages_with_key(o)
+        if having and stage not in having:
+            key = ".".join(_key(o))
+            print(f"error: {key} is not a setting of {stage}: {', '.join(having)} read{'s' * (len(having) == 1)} it. "
+                  f"Pass it to {'that stage' if len(having) == 1 else 'those stages'} (make {having[0]} "
+                  f"ARGS=\"{o}\"); make all gives each stage only the keys it reads.", file=sys.stderr)
+            sys.exit(2)
 
 
 def register_schemas() -> None:

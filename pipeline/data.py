@@ -14,7 +14,7 @@ import datasets
 from datasets import Dataset
 
 from pipeline import demo
-from pipeline.config import DataConfig
+from pipeline.config import CorpusData, DemonstrationData, ExampleData, PairData, PromptData
 from pipeline.errors import PipelineError
 
 FILE_KINDS = {".txt": "text", ".jsonl": "json", ".json": "json", ".parquet": "parquet"}
@@ -76,7 +76,7 @@ def load_table(path: str, required: tuple[str, ...], cache_dir: Path, *, sample_
     return ds
 
 
-def load_corpus(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[list[str], list[str]]:
+def load_corpus(cfg: CorpusData, seed: int, cache_dir: Path) -> tuple[list[str], list[str]]:
     """(train documents, eval documents) of a text corpus."""
     if cfg.kind == "demo":
         docs = demo.generate_corpus(cfg.num_documents, seed)
@@ -119,7 +119,7 @@ def extra_tokenizer_text(sources: list[str], seed: int, cache_dir: Path, limit: 
             # the instructions and answers of demonstrations (the same prompts as the pairs' and PPO's)
             texts = [t for r in demo.generate_demonstrations(per_source // 2, seed) for t in row_texts(r["messages"])]
         elif "/" not in source and "." not in source and preset.exists():
-            cfg = OmegaConf.merge(OmegaConf.structured(DataConfig), OmegaConf.load(preset))
+            cfg = OmegaConf.merge(OmegaConf.structured(ExampleData), OmegaConf.load(preset))
             if cfg.kind != "hub":
                 raise PipelineError(f"tokenizer.extra_text: the preset '{source}' names no data set; give 'demo' "
                                     f"or the file's path")
@@ -254,7 +254,7 @@ def clean_rows(rows: list[dict], problem, where: str, skip: bool,
     return good, len(bad)
 
 
-def load_rows(cfg: DataConfig, cache_dir: Path) -> tuple[list[dict], str]:
+def load_rows(cfg: ExampleData, cache_dir: Path) -> tuple[list[dict], str]:
     """The rows of a local file or hub dataset as dicts, renamed per data.rename, and where they came from."""
     ds = load_table(cfg.path, (), cache_dir, sample_by=cfg.sample_by, split=cfg.split,
                     hub_config=cfg.hub_config, hub=cfg.kind == "hub")
@@ -276,7 +276,7 @@ def split_eval(rows: list, eval_fraction: float, cap: int) -> tuple[list, list]:
     return rows[n_eval:], rows[:n_eval]
 
 
-def load_sft_data(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[list[dict], list[dict]]:
+def load_sft_data(cfg: DemonstrationData, seed: int, cache_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train rows, eval rows) in TRL's conversational, prompt-completion or language-modeling (text) format."""
     if cfg.kind == "demo":
         rows = [{"messages": r["messages"]} for r in demo.generate_demonstrations(
@@ -322,7 +322,7 @@ def preference_row_problem(row: dict) -> str | None:
     return None
 
 
-def load_preference_data(cfg: DataConfig, seed: int, cache_dir: Path) -> tuple[list[dict], list[dict]]:
+def load_preference_data(cfg: PairData, seed: int, cache_dir: Path) -> tuple[list[dict], list[dict]]:
     """(train pairs, eval pairs) in TRL's preference format; the demo's eval pairs use held-out prompts, and name
     the flaw class of their rejected response (`flaw`), for per-class accuracies."""
     if cfg.kind == "demo":
@@ -356,7 +356,7 @@ def demo_heldout_prompts(n: int, seed: int) -> list[dict]:
     return demo.generate_prompts(n, seed + 1, heldout=True)
 
 
-def load_prompt_data(cfg: DataConfig, seed: int, cache_dir: Path, n_eval: int) -> tuple[list[dict], list[dict]]:
+def load_prompt_data(cfg: PromptData, seed: int, cache_dir: Path, n_eval: int) -> tuple[list[dict], list[dict]]:
     """(train prompts, held-out prompts) as conversational `prompt` lists; demo rows also carry their task."""
     if cfg.kind == "demo":
         return demo.generate_prompts(cfg.num_examples, seed, heldout=False), demo_heldout_prompts(n_eval, seed)

@@ -12,8 +12,6 @@ import torch
 
 from pipeline.errors import PipelineError
 
-OPTIMIZERS = ("adamw", "muon")
-
 
 def muon_split(model) -> tuple[list, list, list]:
     """(Muon's matrices, AdamW's matrices, AdamW's vectors): Muon takes the 2-D weights of the hidden layers; the

@@ -20,7 +20,7 @@ from pipeline.compare import write_comparison
 from pipeline.errors import PipelineError
 from pipeline.evaluation import with_interval
 from pipeline.registry import ALIGNMENT_STAGES, STAGES, Entry, Registry
-from pipeline.run import LOG_HISTORY
+from pipeline.checkpoint import LOG_HISTORY
 
 # What the summary shows of each stage, in order.
 SUMMARY_METRICS = {

@@ -21,13 +21,15 @@ from omegaconf import DictConfig
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import RewardConfig, RewardTrainer
 
-from pipeline.config import RewardStageConfig, register_schemas
-from pipeline.data import fingerprint, load_preference_data
+from pipeline.callbacks import standard_callbacks
+from pipeline.checkpoint import save_hf_directory, unwrapped
+from pipeline.config import RewardStageConfig, refuse_keys_of_other_stages, register_schemas
+from pipeline.data import load_preference_data
+from pipeline.handoff import check_data_coverage
 from pipeline.models import count_parameters, load_reward_model, lora_config
 from pipeline.registry import Registry
-from pipeline.run import (StageRun, StepTimer, StopOnNonFiniteLoss, check_data_coverage, run_stage,
-                          save_hf_directory, trainer_arguments, unwrapped)
-from pipeline.tokenizer import tokenizer_fingerprint
+from pipeline.run import StageRun, run_stage
+from pipeline.trainer import trainer_arguments
 from reward_model.scoring import STATS_FILE, RewardModel
 
 register_schemas()
@@ -81,18 +83,18 @@ def reward(run: StageRun) -> dict:
     model, tok = load_reward_model(run.inputs["init_from"].path, cfg.trust_remote_code)  # a new score head
     train_pairs, eval_pairs = load_preference_data(cfg.data, cfg.seed, run.cache_dir)
     eval_classes = [p.pop("flaw", None) for p in eval_pairs]  # the demo's: for the per-class accuracies only
+    run.record_fingerprints(train_pairs, tok)
     run.log(f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs; model "
             f"{count_parameters(model) / 1e6:.2f}M parameters; peft={cfg.peft.method}")
     check_data_coverage(run, tok, [{"prompt": p.get("prompt"), "chosen": p["chosen"]} for p in train_pairs], model)
     if run.is_main and "initial_eval_accuracy" not in run.entry.metrics:
         run.record(initial_eval_accuracy=RewardModel(model, tok).pair_accuracy(eval_pairs)[0])
 
-    args = RewardConfig(**trainer_arguments(cfg.trainer, run), max_length=cfg.data.max_length,
-                           disable_dropout=True, dataset_num_proc=None)
-    timer = StepTimer()
+    args = trainer_arguments(run, RewardConfig, max_length=cfg.data.max_length, disable_dropout=True,
+                             dataset_num_proc=None)
     trainer = PairTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
                           eval_dataset=Dataset.from_list(eval_pairs), processing_class=tok,
-                          peft_config=lora_config(cfg.peft, "SEQ_CLS"), callbacks=[StopOnNonFiniteLoss(), timer])
+                          peft_config=lora_config(cfg.peft, "SEQ_CLS"), callbacks=standard_callbacks(run))
     dropped = len(train_pairs) - len(trainer.train_dataset)  # TRL leaves out pairs longer than max_length
     run.record(pairs_over_max_length=dropped)
     if dropped:
@@ -104,8 +106,7 @@ def reward(run: StageRun) -> dict:
     save_hf_directory(trainer, tok, run)
 
     metrics = {"eval_loss": eval_loss, "train_loss": result.training_loss,
-               "train_runtime_s": result.metrics["train_runtime"], "global_step": result.global_step,
-               "steady_seconds_per_step": timer.seconds_per_step()}
+               "train_runtime_s": result.metrics["train_runtime"], "global_step": result.global_step}
     run.record(**metrics)  # kept should the evaluation below fail
     if run.is_main:
         metrics.update(evaluate_pairs(RewardModel(unwrapped(trainer.model, run), tok), eval_pairs, eval_classes),
@@ -122,15 +123,14 @@ def reward(run: StageRun) -> dict:
             run.warn(f"the score correlates with response length (r = {metrics['length_correlation']:.2f}): "
                     f"the reward model may just like {'long' if metrics['length_correlation'] > 0 else 'short'} "
                     f"answers, and PPO will exploit it")
-        run.registry.update(run.entry, data_fingerprint=fingerprint([json.dumps(p) for p in train_pairs]),
-                            tokenizer_fingerprint=tokenizer_fingerprint(tok))
     return metrics
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="reward")
 def main(cfg: DictConfig) -> float:
-    return run_stage("reward", cfg, reward, inputs)["eval_loss"]
+    return run_stage("reward", cfg, reward, inputs)
 
 
 if __name__ == "__main__":
+    refuse_keys_of_other_stages("reward")
     main()

@@ -17,13 +17,16 @@ from datasets import Dataset
 from omegaconf import DictConfig
 from trl import DPOConfig, DPOTrainer
 
-from pipeline.alignment import evaluate_against_start
-from pipeline.config import DPOStageConfig, register_schemas
+from pipeline.callbacks import standard_callbacks
+from pipeline.checkpoint import save_hf_directory, unwrapped
+from pipeline.config import DPOStageConfig, refuse_keys_of_other_stages, register_schemas
 from pipeline.data import demo_heldout_prompts, load_preference_data
+from pipeline.handoff import check_data_coverage
 from pipeline.models import load_causal_lm, lora_config
 from pipeline.registry import Registry
-from pipeline.run import (StageRun, StepTimer, StopOnNonFiniteLoss, check_data_coverage, run_stage, save_hf_directory,
-                          trainer_arguments, unwrapped)
+from pipeline.run import StageRun, run_stage
+from pipeline.trainer import trainer_arguments
+from stages.alignment import evaluate_against_start
 
 register_schemas()
 
@@ -49,26 +52,26 @@ def dpo(run: StageRun) -> dict:
     train_pairs, eval_pairs = load_preference_data(cfg.data, cfg.seed, run.cache_dir)
     for p in eval_pairs:
         p.pop("flaw", None)  # the demo's class of the rejected response: not a column TRL knows
+    run.record_fingerprints(train_pairs, tok)
     run.log(f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs; beta {cfg.dpo.beta}, loss "
             f"{list(cfg.dpo.loss_type)}; peft={cfg.peft.method}")
     check_data_coverage(run, tok, [{"prompt": p.get("prompt"), "chosen": p["chosen"]} for p in train_pairs], policy)
 
     d = cfg.dpo
-    args = DPOConfig(**trainer_arguments(cfg.trainer, run), beta=d.beta, loss_type=list(d.loss_type),
-                     loss_weights=list(d.loss_weights) if d.loss_weights else None, label_smoothing=d.label_smoothing,
-                     max_length=cfg.data.max_length, disable_dropout=True, dataset_num_proc=None)
-    timer = StepTimer()
+    args = trainer_arguments(run, DPOConfig, beta=d.beta, loss_type=list(d.loss_type),
+                             loss_weights=list(d.loss_weights) if d.loss_weights else None,
+                             label_smoothing=d.label_smoothing, max_length=cfg.data.max_length, disable_dropout=True,
+                             dataset_num_proc=None)
     peft = lora_config(cfg.peft, "CAUSAL_LM")
     trainer = DPOTrainer(model=policy, ref_model=None if peft else reference, args=args,
                          train_dataset=Dataset.from_list(train_pairs), eval_dataset=Dataset.from_list(eval_pairs),
-                         processing_class=tok, peft_config=peft, callbacks=[StopOnNonFiniteLoss(), timer])
+                         processing_class=tok, peft_config=peft, callbacks=standard_callbacks(run))
     result = trainer.train(resume_from_checkpoint=run.resume_from)
     held = trainer.evaluate()  # the implicit reward, beta x log(policy / reference), on held-out pairs
     save_hf_directory(trainer, tok, run)
 
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step,
-               "train_runtime_s": result.metrics["train_runtime"], "steady_seconds_per_step": timer.seconds_per_step(),
-               "eval_loss": held["eval_loss"], "implicit_reward_accuracy": held["eval_rewards/accuracies"],
+               "train_runtime_s": result.metrics["train_runtime"], "eval_loss": held["eval_loss"], "implicit_reward_accuracy": held["eval_rewards/accuracies"],
                "implicit_reward_margin": held["eval_rewards/margins"]}
     run.record(**metrics)  # kept should the evaluation below fail
     run.log(f"held-out pairs: implicit-reward accuracy {metrics['implicit_reward_accuracy']:.3f}, margin "
@@ -81,8 +84,9 @@ def dpo(run: StageRun) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="dpo")
 def main(cfg: DictConfig) -> float:
-    return run_stage("dpo", cfg, dpo, inputs)["eval_loss"]
+    return run_stage("dpo", cfg, dpo, inputs)
 
 
 if __name__ == "__main__":
+    refuse_keys_of_other_stages("dpo")
     main()

@@ -23,21 +23,23 @@ from datasets import Dataset
 from omegaconf import DictConfig
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
-from pipeline.alignment import (GoldTracker, KLBudget, check_handoff, evaluate_against_start, load_scorer,
-                                reward_statistics)
-from pipeline.config import GRPOStageConfig, register_schemas
+from pipeline.callbacks import standard_callbacks
+from pipeline.checkpoint import save_hf_directory, unwrapped
+from pipeline.config import RLOOStageConfig, refuse_keys_of_other_stages, register_schemas
 from pipeline.data import load_prompt_data
+from pipeline.handoff import check_data_coverage, check_reward_handoff
 from pipeline.models import load_causal_lm, load_reward_model, lora_config
 from pipeline.registry import Registry
 from pipeline.rewards import ORACLES, resolve_reward_function
-from pipeline.run import (StageRun, StepTimer, StopOnNonFiniteLoss, check_data_coverage, run_stage, save_hf_directory,
-                          trainer_arguments, unwrapped)
+from pipeline.run import StageRun, run_stage
+from pipeline.trainer import trainer_arguments
 from reward_model.scoring import RewardModel
+from stages.alignment import GoldTracker, KLBudget, evaluate_against_start, load_scorer, reward_statistics
 
 register_schemas()
 
 
-def inputs(cfg: GRPOStageConfig, registry: Registry) -> dict:
+def inputs(cfg: RLOOStageConfig, registry: Registry) -> dict:
     for name in cfg.reward_functions:  # a bad name stops the run before any entry exists
         resolve_reward_function(name)
     out = {"init_from": registry.resolve(cfg.init_from)}
@@ -47,20 +49,21 @@ def inputs(cfg: GRPOStageConfig, registry: Registry) -> dict:
 
 
 def trainer_and_args(run: StageRun):
-    """(TRL trainer class, its config) for the algorithm, built from the grpo and trainer sections."""
-    cfg: GRPOStageConfig = run.cfg
+    """(TRL trainer class, its config) for the algorithm, built from the grpo and trainer sections (GRPO's loss
+    settings where the algorithm is grpo: RLOO's config has no such section)."""
+    cfg: RLOOStageConfig = run.cfg  # or GRPOStageConfig, with the loss settings
     g = cfg.grpo
-    common = dict(**trainer_arguments(cfg.trainer, run), num_generations=g.num_generations,
-                  max_completion_length=g.max_completion_length, temperature=g.temperature, beta=g.beta,
-                  epsilon=g.epsilon, num_iterations=g.num_iterations, disable_dropout=True,
-                  reward_weights=list(cfg.reward_weights) if cfg.reward_weights else None)
+    common = dict(num_generations=g.num_generations, max_completion_length=g.max_completion_length,
+                  temperature=g.temperature, beta=g.beta, epsilon=g.epsilon, num_iterations=g.num_iterations,
+                  disable_dropout=True, reward_weights=list(cfg.reward_weights) if cfg.reward_weights else None)
     if cfg.algorithm == "rloo":
-        return RLOOTrainer, RLOOConfig(**common)
-    return GRPOTrainer, GRPOConfig(**common, loss_type=g.loss_type, scale_rewards=g.scale_rewards)
+        return RLOOTrainer, trainer_arguments(run, RLOOConfig, **common)
+    return GRPOTrainer, trainer_arguments(run, GRPOConfig, **common, loss_type=g.loss_type,
+                                          scale_rewards=g.scale_rewards)
 
 
 def grpo(run: StageRun) -> dict:
-    cfg: GRPOStageConfig = run.cfg
+    cfg: RLOOStageConfig = run.cfg
     g, trust = cfg.grpo, cfg.trust_remote_code
     start = run.inputs["init_from"]
     policy, tok = load_causal_lm(start.path, trust)
@@ -70,7 +73,7 @@ def grpo(run: StageRun) -> dict:
     if "reward_model" in run.inputs:
         reward_ref = run.inputs["reward_model"]
         rm = RewardModel(*load_reward_model(reward_ref.path, trust))
-        check_handoff(tok, rm.tok, cfg.init_from, cfg.reward_model)
+        check_reward_handoff(tok, rm.tok, cfg.init_from, cfg.reward_model)
         stats = reward_statistics(reward_ref.path, g.normalize_rewards)
         scorer, scorer_tok = load_scorer(reward_ref.path, trust, stats)
         funcs.append(scorer)
@@ -86,6 +89,7 @@ def grpo(run: StageRun) -> dict:
                  "marked oracle: the upper bound of what RL reaches on the demo, not a result to compare as one")
 
     train_rows, eval_rows = load_prompt_data(cfg.data, cfg.seed, run.cache_dir, cfg.eval.num_prompts)
+    run.record_fingerprints(train_rows, tok)
     check_data_coverage(run, tok, [{"prompt": r["prompt"]} for r in train_rows], policy)
     run.log(f"{cfg.algorithm}: {len(train_rows)} training prompts, {len(eval_rows)} held-out prompts; groups of "
             f"{g.num_generations}; rewards: {', '.join([cfg.reward_model] * bool(rm) + list(cfg.reward_functions))}")
@@ -95,19 +99,17 @@ def grpo(run: StageRun) -> dict:
     tracker = GoldTracker(policy, tok, eval_rows[:g.gold_prompts] if judged else [], g.gold_every, cfg.eval,
                           "reward", "kl")
     budget = KLBudget(g.kl_budget, "kl")
-    timer = StepTimer(skip=1)
     trainer = trainer_cls(model=policy, reward_funcs=funcs, args=args, train_dataset=Dataset.from_list(train_rows),
                           processing_class=tok, reward_processing_classes=processing,
                           peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
-                          callbacks=[StopOnNonFiniteLoss(), tracker, budget, timer])
+                          callbacks=[*standard_callbacks(run, timer_skip=1), tracker, budget])
     try:
         trainer.train(resume_from_checkpoint=run.resume_from)
     except KLBudget.Exceeded:
         pass  # recorded below
     save_hf_directory(trainer, tok, run)
 
-    metrics = {"global_step": trainer.state.global_step, "steady_seconds_per_step": timer.seconds_per_step(),
-               "oracle": oracle}
+    metrics = {"global_step": trainer.state.global_step, "oracle": oracle}
     budget.record(run, metrics)
     run.record(**metrics)  # kept should the evaluation below fail
     if run.is_main:
@@ -121,8 +123,9 @@ def grpo(run: StageRun) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="grpo")
 def main(cfg: DictConfig) -> float:
-    return run_stage(str(cfg.get("algorithm", "grpo")), cfg, grpo, inputs).get("gold_score", 0.0)
+    return run_stage(str(cfg.algorithm), cfg, grpo, inputs)
 
 
 if __name__ == "__main__":
+    refuse_keys_of_other_stages("grpo")
     main()

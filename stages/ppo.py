@@ -23,15 +23,17 @@ from omegaconf import DictConfig
 from trl.experimental.ppo import PPOConfig
 from trl.experimental.ppo import PPOTrainer
 
-from pipeline.alignment import (GoldTracker, KLBudget, check_handoff, evaluate_against_start, load_scorer,
-                                reward_statistics)
-from pipeline.config import PPOStageConfig, register_schemas
+from pipeline.callbacks import standard_callbacks
+from pipeline.checkpoint import save_hf_directory, unwrapped
+from pipeline.config import PPOStageConfig, refuse_keys_of_other_stages, register_schemas
 from pipeline.data import load_prompt_data
+from pipeline.handoff import check_data_coverage, check_reward_handoff
 from pipeline.models import load_causal_lm, load_reward_model, lora_config
 from pipeline.registry import Registry
-from pipeline.run import (StageRun, StepTimer, check_data_coverage, run_stage, save_hf_directory, trainer_arguments,
-                          unwrapped)
+from pipeline.run import StageRun, run_stage
+from pipeline.trainer import trainer_arguments
 from reward_model.scoring import RewardModel
+from stages.alignment import GoldTracker, KLBudget, evaluate_against_start, load_scorer, reward_statistics
 
 register_schemas()
 
@@ -41,11 +43,12 @@ def inputs(cfg: PPOStageConfig, registry: Registry) -> dict:
 
 
 def ppo_arguments(run: StageRun) -> PPOConfig:
-    """TRL's PPOStageConfig from the ppo and trainer sections: one PPO update per trainer step."""
+    """TRL's PPOConfig from the ppo and trainer sections: one PPO update per trainer step. The trainer section has
+    no checkpoint settings: TRL's PPO cannot resume, so no trainer checkpoints are written."""
     p, t = run.cfg.ppo, run.cfg.trainer
     rollouts = t.per_device_train_batch_size * t.gradient_accumulation_steps * run.state.num_processes
-    return PPOConfig(
-        **{**trainer_arguments(t, run), "save_strategy": "no"},  # TRL's PPO cannot resume: no trainer checkpoints
+    return trainer_arguments(
+        run, PPOConfig,
         total_episodes=t.max_steps * rollouts, num_ppo_epochs=p.num_ppo_epochs, num_mini_batches=p.num_mini_batches,
         response_length=p.response_length,
         stop_token="eos",  # truncate each response after its first eos; the score is read there
@@ -63,13 +66,14 @@ def ppo(run: StageRun) -> dict:
     policy, tok = load_causal_lm(policy_ref.path, trust)
     reference, _ = load_causal_lm(policy_ref.path, trust)
     rm = RewardModel(*load_reward_model(reward_ref.path, trust))
-    check_handoff(tok, rm.tok, cfg.init_from, cfg.reward_model)
+    check_reward_handoff(tok, rm.tok, cfg.init_from, cfg.reward_model)
 
     stats = reward_statistics(reward_ref.path, cfg.ppo.normalize_rewards)
     scorer, _ = load_scorer(reward_ref.path, trust, stats)
     value, _ = load_reward_model(reward_ref.path, trust)  # the value model starts as the reward model
 
     train_rows, eval_rows = load_prompt_data(cfg.data, cfg.seed, run.cache_dir, cfg.eval.num_prompts)
+    run.record_fingerprints(train_rows, tok)
     check_data_coverage(run, tok, [{"prompt": r["prompt"]} for r in train_rows], policy)
     tok.padding_side = "left"  # prompts end where the response begins
     encode = lambda rows: Dataset.from_list(
@@ -84,18 +88,18 @@ def ppo(run: StageRun) -> dict:
     tracker = GoldTracker(policy, tok, eval_rows[:p.gold_prompts] if cfg.data.kind == "demo" else [], p.gold_every,
                           cfg.eval, "objective/scores", "objective/kl")
     budget = KLBudget(p.kl_budget, "objective/kl")
-    timer = StepTimer(skip=1)  # an update is long; the first one's warm-up is what is left out
+    # an update is long: the first one's warm-up is all the step timer leaves out
+    callbacks = [*standard_callbacks(run, timer_skip=1), tracker, budget]
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=reference, reward_model=scorer,
                          value_model=value, train_dataset=train_ds, eval_dataset=eval_ds,
-                         peft_config=lora_config(cfg.peft, "CAUSAL_LM"), callbacks=[tracker, budget, timer])
+                         peft_config=lora_config(cfg.peft, "CAUSAL_LM"), callbacks=callbacks)
     try:
         trainer.train()
     except KLBudget.Exceeded:
         pass  # recorded below
     save_hf_directory(trainer, tok, run)
 
-    metrics = {"ppo_steps": trainer.state.global_step, "episodes": trainer.state.episode,
-               "steady_seconds_per_step": timer.seconds_per_step()}
+    metrics = {"ppo_steps": trainer.state.global_step, "episodes": trainer.state.episode}
     budget.record(run, metrics)
     run.record(**metrics)  # kept should the evaluation below fail
     if run.is_main:
@@ -109,8 +113,9 @@ def ppo(run: StageRun) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="ppo")
 def main(cfg: DictConfig) -> float:
-    return run_stage("ppo", cfg, ppo, inputs, resumable=False).get("reward_mean", 0.0)
+    return run_stage("ppo", cfg, ppo, inputs, resumable=False)
 
 
 if __name__ == "__main__":
+    refuse_keys_of_other_stages("ppo")
     main()

@@ -1,6 +1,6 @@
 """Pretraining: a causal language model on a text corpus, packed into fixed blocks, with the Trainer.
 
-    make pretrain                                             # the demo: ~4M-parameter Llama on stories
+    make pretrain                                             # the demo: a Llama of a few million parameters on stories
     make pretrain ARGS="experiment=ci"                        # micro sizes
     make pretrain ARGS="data=local data.path=my_corpus.jsonl" # your own text (.txt / .jsonl / .parquet)
     make pretrain NPROC=2 ARGS="experiment=ci"                # two processes (DDP)
@@ -16,16 +16,18 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig
-from transformers import AutoTokenizer, Trainer, TrainingArguments, default_data_collator
+from transformers import AutoTokenizer, Trainer, default_data_collator
 
-from pipeline.config import PretrainStageConfig, register_schemas
-from pipeline.data import extra_tokenizer_text, fingerprint, load_corpus, non_padding_share, pack_into_blocks
+from pipeline.callbacks import InitialEvalLoss, standard_callbacks
+from pipeline.checkpoint import save_hf_directory
+from pipeline.config import PretrainStageConfig, refuse_keys_of_other_stages, register_schemas
+from pipeline.data import extra_tokenizer_text, load_corpus, non_padding_share, pack_into_blocks
 from pipeline.evaluation import copy_rate
 from pipeline.models import build_llama, count_parameters, load_causal_lm, load_tokenizer
 from pipeline.optim import trainer_optimizer
-from pipeline.run import (InitialEvalLoss, StageRun, StepTimer, StopOnNonFiniteLoss, run_stage, save_hf_directory,
-                          trainer_arguments)
-from pipeline.tokenizer import coverage, tokenizer_fingerprint, train_bpe
+from pipeline.run import StageRun, run_stage
+from pipeline.tokenizer import coverage, train_bpe
+from pipeline.trainer import trainer_arguments
 
 register_schemas()
 
@@ -64,6 +66,7 @@ def pretrain(run: StageRun) -> dict:
     # --- data and tokenizer
     train_docs, eval_docs = load_corpus(cfg.data, cfg.seed, run.cache_dir)
     tok = prepare_tokenizer(run, train_docs)
+    run.record_fingerprints(train_docs, tok)
     train_blocks = pack_into_blocks(train_docs, tok, cfg.data.block_size, "train corpus")
     eval_blocks = pack_into_blocks(eval_docs, tok, cfg.data.block_size, "eval corpus")
     eval_blocks = eval_blocks.select(range(min(len(eval_blocks), cfg.data.max_eval_blocks)))
@@ -81,20 +84,16 @@ def pretrain(run: StageRun) -> dict:
     run.log(f"Model: {count_parameters(model) / 1e6:.2f}M parameters, vocabulary {len(tok)}")
 
     # --- trainer
-    args = TrainingArguments(**trainer_arguments(cfg.trainer, run), eval_on_start=not InitialEvalLoss.recorded(run))
-    timer = StepTimer()
+    args = trainer_arguments(run, eval_on_start=not InitialEvalLoss.recorded(run))
     trainer = Trainer(model=model, args=args, train_dataset=train_blocks, eval_dataset=eval_blocks,
                       data_collator=default_data_collator, processing_class=tok,
-                      callbacks=[StopOnNonFiniteLoss(), timer, InitialEvalLoss(run)],
+                      callbacks=[*standard_callbacks(run), InitialEvalLoss(run)],
                       optimizer_cls_and_kwargs=trainer_optimizer(cfg.optimizer, args, run.state.distributed_type))
     result = trainer.train(resume_from_checkpoint=run.resume_from)
     eval_loss = trainer.evaluate()["eval_loss"]
     run.log(f"Eval loss after training: {eval_loss:.4f} (perplexity {math.exp(eval_loss):.2f})")
 
     save_hf_directory(trainer, tok, run)
-    if run.is_main:
-        run.registry.update(run.entry, data_fingerprint=fingerprint(train_docs),
-                            tokenizer_fingerprint=tokenizer_fingerprint(tok))
     steps_run = result.global_step - (int(run.resume_from.rsplit("-", 1)[1]) if run.resume_from else 0)
     t = cfg.trainer
     tokens = steps_run * t.per_device_train_batch_size * t.gradient_accumulation_steps \
@@ -109,8 +108,8 @@ def pretrain(run: StageRun) -> dict:
         "context_length": cfg.data.block_size,
         "train_tokens_per_s": tokens / max(result.metrics["train_runtime"], 1e-9),
         # past the first steps: what `make bench` compares with a bare PyTorch loop
-        "steady_tokens_per_s": tokens / max(steps_run, 1) / timer.seconds_per_step(),
-        "steady_seconds_per_step": timer.seconds_per_step(),
+        "steady_tokens_per_s": tokens / max(steps_run, 1) / run.timer.seconds_per_step(),
+        "steady_seconds_per_step": run.timer.seconds_per_step(),
         "train_runtime_s": result.metrics["train_runtime"],
         "parameters": count_parameters(model),
         "global_step": result.global_step,
@@ -126,8 +125,9 @@ def pretrain(run: StageRun) -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")
 def main(cfg: DictConfig) -> float:
     torch.set_float32_matmul_precision("high")
-    return run_stage("pretrain", cfg, pretrain)["eval_loss"]
+    return run_stage("pretrain", cfg, pretrain)
 
 
 if __name__ == "__main__":
+    refuse_keys_of_other_stages("pretrain")
     main()

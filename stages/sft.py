@@ -11,9 +11,7 @@ gold score (next to the starting model's) -> registry entry whose parent is init
 """
 from __future__ import annotations
 
-import json
 import math
-from pathlib import Path
 
 import hydra
 from datasets import Dataset
@@ -22,14 +20,16 @@ from trl import SFTConfig, SFTTrainer
 from trl.trainer.sft_trainer import FLASH_ATTENTION_VARIANTS
 
 from pipeline import demo
-from pipeline.config import SFTStageConfig, register_schemas
-from pipeline.data import fingerprint, load_sft_data
-from pipeline.evaluation import flaw_rates, gold_eval, gold_gain, with_interval
+from pipeline.callbacks import InitialEvalLoss, standard_callbacks
+from pipeline.checkpoint import save_hf_directory, unwrapped
+from pipeline.config import SFTStageConfig, refuse_keys_of_other_stages, register_schemas
+from pipeline.data import demo_heldout_prompts, load_sft_data
+from pipeline.handoff import check_data_coverage
 from pipeline.models import count_parameters, load_causal_lm, lora_config
 from pipeline.registry import Registry
-from pipeline.run import (InitialEvalLoss, StageRun, StopOnNonFiniteLoss, check_data_coverage, run_stage,
-                          save_hf_directory, trainer_arguments, unwrapped)
-from pipeline.tokenizer import tokenizer_fingerprint
+from pipeline.run import StageRun, run_stage
+from pipeline.trainer import trainer_arguments
+from stages.alignment import evaluate_against_start
 
 register_schemas()
 
@@ -51,8 +51,8 @@ def build_trainer(run: StageRun, model, tok, train_rows: list[dict], eval_rows: 
     conversational = "messages" in train_rows[0]
     plain_text = "text" in train_rows[0]
     flat = padding_free(cfg.batching, model)
-    args = SFTConfig(
-        **trainer_arguments(cfg.trainer, run),
+    args = trainer_arguments(
+        run, SFTConfig,
         # TRL does not truncate a padding-free batch; rows longer than max_length are dropped below instead.
         max_length=None if flat else cfg.data.max_length,
         padding_free=flat,
@@ -67,7 +67,7 @@ def build_trainer(run: StageRun, model, tok, train_rows: list[dict], eval_rows: 
     trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_rows),
                          eval_dataset=Dataset.from_list(eval_rows), processing_class=tok,
                          peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
-                         callbacks=[StopOnNonFiniteLoss(), InitialEvalLoss(run)])
+                         callbacks=[*standard_callbacks(run), InitialEvalLoss(run)])
     if flat:
         fits = lambda row: len(row["input_ids"]) <= cfg.data.max_length
         n = len(trainer.train_dataset)
@@ -88,21 +88,10 @@ def sft(run: StageRun) -> dict:
     start = run.inputs["init_from"]
     model, tok = load_causal_lm(start.path, cfg.trust_remote_code)
     train_rows, eval_rows = load_sft_data(cfg.data, cfg.seed, run.cache_dir)
+    run.record_fingerprints(train_rows, tok)
     run.log(f"{len(train_rows)} train / {len(eval_rows)} eval demonstrations; model "
             f"{count_parameters(model) / 1e6:.2f}M parameters; peft={cfg.peft.method}")
     check_data_coverage(run, tok, train_rows, model)
-
-    # The gold judge scores the demo's held-out prompts (user data has no judge: only the loss is reported).
-    judged = cfg.data.kind == "demo"
-    prompts = demo.generate_prompts(cfg.eval.num_prompts, cfg.seed + 1, heldout=True) if judged else []
-    baseline_file = Path(run.entry.path) / "baseline_gold.json"  # per prompt, for the gain's interval
-    if judged and "baseline_gold_score" not in run.entry.metrics:
-        if run.is_main:
-            gold, samples = gold_eval(model, tok, prompts, cfg.eval, "Scoring the start model")
-            baseline_file.parent.mkdir(parents=True, exist_ok=True)
-            baseline_file.write_text(json.dumps([s["gold"] for s in samples]))
-            run.record(baseline_gold_score=gold, **flaw_rates(samples, "baseline_flaw_rate"))
-        run.entry.metrics.update(_shared_metrics(run, "baseline_gold_score"))
 
     trainer = build_trainer(run, model, tok, train_rows, eval_rows)
     result = trainer.train(resume_from_checkpoint=run.resume_from)
@@ -113,44 +102,23 @@ def sft(run: StageRun) -> dict:
                "perplexity": math.exp(min(eval_loss, 50.0)), "train_loss": result.training_loss,
                "train_runtime_s": result.metrics["train_runtime"], "global_step": result.global_step}
     run.record(**metrics)  # kept should the evaluation below fail
-    if judged and run.is_main:
-        tuned = unwrapped(trainer.model, run)
-        gold, samples = gold_eval(tuned, tok, prompts, cfg.eval, "Scoring the fine-tuned model")
-        metrics.update(gold_score=gold, **gold_gain(json.loads(baseline_file.read_text()), [s["gold"] for s in samples]),
-                       **{k: v for k, v in run.entry.metrics.items() if k.startswith("baseline_")},
-                       **flaw_rates(samples))
-        with open(Path(run.entry.path) / "eval_samples.jsonl", "w") as f:
-            f.writelines(json.dumps(s) + "\n" for s in samples)
-        for task in demo.TASKS:
-            scores = [s["gold"] for s in samples if s["task"] == task]
-            metrics[f"gold_score_{task}"] = sum(scores) / max(len(scores), 1)
+    # The gold judge scores the demo's held-out prompts (user data has no judge: only the loss is reported).
+    if cfg.data.kind == "demo" and run.is_main:
+        begun, _ = load_causal_lm(start.path, cfg.trust_remote_code)
+        metrics.update(evaluate_against_start(run, unwrapped(trainer.model, run), begun, tok, None,
+                                              demo_heldout_prompts(cfg.eval.num_prompts, cfg.seed), cfg.eval))
         # The demonstrations' own gold: what a model that imitates them exactly scores when sampled, flaws and all
         own = [demo.gold_score(r["messages"][0]["content"], r["messages"][-1]["content"]) for r in train_rows]
         metrics["demonstration_gold_score"] = sum(own) / len(own)
-        run.log(f"gold score {metrics['baseline_gold_score']:.3f} (start) -> {gold:.3f} (fine-tuned): gain "
-                f"{with_interval(metrics, 'gold_gain')} (95%, {len(prompts)} held-out prompts); the demonstrations "
-                f"themselves score {metrics['demonstration_gold_score']:.3f}")
-        run.log("flaw rates of sampled responses: " + ", ".join(
-            f"{c} {metrics[f'flaw_rate/{c}']:.3f}" for c in demo.FLAWS))
-    if run.is_main:
-        run.registry.update(run.entry, data_fingerprint=fingerprint([json.dumps(r) for r in train_rows]),
-                            tokenizer_fingerprint=tokenizer_fingerprint(tok))
+        run.log(f"the demonstrations themselves score {metrics['demonstration_gold_score']:.3f}")
     return metrics
-
-
-def _shared_metrics(run: StageRun, key: str) -> dict:
-    """A metric the main process measured, for every rank."""
-    from accelerate.utils import broadcast_object_list
-    box = [run.entry.metrics.get(key)]
-    if run.state.num_processes > 1:
-        broadcast_object_list(box)
-    return {key: box[0]}
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="sft")
 def main(cfg: DictConfig) -> float:
-    return run_stage("sft", cfg, sft, inputs)["eval_loss"]
+    return run_stage("sft", cfg, sft, inputs)
 
 
 if __name__ == "__main__":
+    refuse_keys_of_other_stages("sft")
     main()

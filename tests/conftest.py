@@ -9,11 +9,22 @@ import time
 from pathlib import Path
 
 import pytest
+from hydra import compose as hydra_compose, initialize_config_dir
 
-from pipeline.config import overrides_for
+from pipeline.config import overrides_for, register_schemas, validate
 
 ROOT = Path(__file__).resolve().parent.parent
+CONF = ROOT / "conf"
 PY = sys.executable
+
+
+def compose(stage: str, overrides=(), *, typed: bool = True, hydra: bool = False):
+    """A stage's config as its command composes it from conf/: validated into the stage's typed schema, or
+    (typed=False) the composed DictConfig itself, with Hydra's own section where hydra=True."""
+    register_schemas()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        cfg = hydra_compose(config_name=stage, overrides=list(overrides), return_hydra_config=hydra)
+    return validate(cfg) if typed else cfg
 
 
 def env_for(home: Path, **extra) -> dict:

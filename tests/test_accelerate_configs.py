@@ -13,7 +13,7 @@ from accelerate.utils import DistributedType
 
 from transformers import AutoModelForCausalLM
 
-from pipeline.run import resolved_precision
+from pipeline.trainer import resolved_precision
 from tests.conftest import ROOT, env_for, kill, make, registry_entries
 
 CONFIGS = {

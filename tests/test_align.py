@@ -8,15 +8,11 @@ import pytest
 from pipeline import demo
 from pipeline.errors import PipelineError
 from pipeline.rewards import demo_oracle, no_repeated_sentences, resolve_reward_function
-from tests.conftest import copy_registry, make, registry_entries
+from tests.conftest import compose, copy_registry, make, registry_entries
 
 
-def compose(stage: str, overrides=()):
-    from hydra import compose as hydra_compose, initialize_config_dir
-    from pipeline.config import validate
-    from tests.test_sft import CONF
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return validate(hydra_compose(config_name=stage, overrides=["experiment=ci", *overrides]))
+def ci_config(stage: str, overrides=()):
+    return compose(stage, ["experiment=ci", *overrides])
 
 
 def test_the_oracle_is_the_demo_judge_in_trls_signature():
@@ -48,14 +44,14 @@ def test_a_bad_reward_function_is_named(name, expect):
 
 
 def test_reward_sources_and_weights():
-    assert compose("grpo").reward_model == "reward:latest"  # the default: the reward model alone
-    assert compose("grpo", ["reward_functions=[demo_oracle]"]).reward_model is None  # functions alone
-    both = compose("grpo", ["reward_model=reward:latest", "reward_functions=[demo_oracle]", "reward_weights=[1,2]"])
+    assert ci_config("grpo").reward_model == "reward:latest"  # the default: the reward model alone
+    assert ci_config("grpo", ["reward_functions=[demo_oracle]"]).reward_model is None  # functions alone
+    both = ci_config("grpo", ["reward_model=reward:latest", "reward_functions=[demo_oracle]", "reward_weights=[1,2]"])
     assert both.reward_model == "reward:latest" and list(both.reward_weights) == [1, 2]
     with pytest.raises(PipelineError, match="reward_weights needs 2 weights"):
-        compose("grpo", ["reward_model=reward:latest", "reward_functions=[demo_oracle]", "reward_weights=[1]"])
+        ci_config("grpo", ["reward_model=reward:latest", "reward_functions=[demo_oracle]", "reward_weights=[1]"])
     with pytest.raises(PipelineError, match="algorithm must be one of"):
-        compose("grpo", ["algorithm=ppo"])
+        ci_config("grpo", ["algorithm=ppo"])
 
 
 def test_the_stage_wires_its_settings_into_trl(tmp_path):
@@ -63,13 +59,13 @@ def test_the_stage_wires_its_settings_into_trl(tmp_path):
     from stages.grpo import trainer_and_args
     from trl import GRPOTrainer, RLOOConfig, RLOOTrainer
 
-    cfg = compose("grpo", ["grpo.beta=0.07", "grpo.num_generations=4", "grpo.temperature=0.9",
+    cfg = ci_config("grpo", ["grpo.beta=0.07", "grpo.num_generations=4", "grpo.temperature=0.9",
                            "reward_functions=[demo_oracle]", "reward_weights=[0.5]"])
     cls, args = trainer_and_args(StageRun.standalone("grpo", cfg, tmp_path))
     assert cls is GRPOTrainer and args.beta == 0.07 and args.num_generations == 4 and args.temperature == 0.9
     assert args.max_completion_length == cfg.grpo.max_completion_length and args.reward_weights == [0.5]
     assert args.loss_type == cfg.grpo.loss_type and args.learning_rate == cfg.trainer.learning_rate
-    cfg = compose("grpo", ["algorithm=rloo"])
+    cfg = ci_config("grpo", ["algorithm=rloo"])
     cls, args = trainer_and_args(StageRun.standalone("rloo", cfg, tmp_path / "r"))
     assert cls is RLOOTrainer and isinstance(args, RLOOConfig) and args.beta == cfg.grpo.beta
     # evaluation samples as the policy was trained to (one temperature, one length)

@@ -6,20 +6,15 @@ from pathlib import Path
 
 import pytest
 from accelerate.commands.launch import launch_command_parser
-from hydra import compose, initialize_config_dir
 
-from pipeline.config import register_schemas
-from tests.conftest import ROOT, copy_registry, make, registry_entries
+from tests.conftest import ROOT, compose, copy_registry, make, registry_entries
 
 SBATCH = ROOT / "conf" / "slurm" / "multinode.sbatch"
 
 
 def test_slurm_launcher_takes_partition_gpus_nodes_and_time():
-    register_schemas()
-    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        cfg = compose("sft", overrides=["hydra/launcher=slurm", "hydra.launcher.partition=gpu",
-                                        "hydra.launcher.gpus_per_node=2", "hydra.launcher.timeout_min=30"],
-                      return_hydra_config=True)
+    cfg = compose("sft", ["hydra/launcher=slurm", "hydra.launcher.partition=gpu", "hydra.launcher.gpus_per_node=2",
+                          "hydra.launcher.timeout_min=30"], typed=False, hydra=True)
     launcher = cfg.hydra.launcher
     assert launcher._target_.endswith("submitit_launcher.SlurmLauncher")
     assert (launcher.partition, launcher.gpus_per_node, launcher.nodes, launcher.timeout_min) == ("gpu", 2, 1, 30)

@@ -3,24 +3,20 @@ from pathlib import Path
 
 import pytest
 import yaml
-from hydra import compose, initialize_config_dir
 from hydra.errors import ConfigCompositionException
 from omegaconf import OmegaConf
 
-from pipeline.config import register_schemas, validate
+from pipeline.config import overrides_for, refuse_keys_of_other_stages, validate
 from pipeline.errors import PipelineError
+from tests.conftest import CONF, compose
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 PRIMARY = ["pretrain", "sft", "reward", "ppo", "dpo", "grpo"]
 # Options that need a value the user supplies.
 REQUIRED = {("model", "hub"): ["model.name_or_path=org/model"], ("data", "local"): ["data.path=corpus.txt"]}
 
-register_schemas()
-
 
 def compose_cfg(name, overrides=()):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return compose(config_name=name, overrides=list(overrides))
+    return compose(name, overrides, typed=False)
 
 
 def default_choices(primary: str) -> dict[str, str]:
@@ -49,7 +45,9 @@ def test_every_shipped_config_composes_and_validates(primary, group, option):
     validate(composed)
     # the option is what was composed: another option than the default changes the config
     same = OmegaConf.to_container(composed) == OmegaConf.to_container(compose_cfg(primary, REQUIRED.get((group, option), [])))
-    assert same == (option == default_choices(primary)[group] or group == "hydra")
+    # (experiment=demo-gpu sets nothing GRPO reads: its GPU settings are the other stages')
+    unchanged = group == "hydra" or (group, option, primary) == ("experiment", "demo-gpu", "grpo")
+    assert same == (option == default_choices(primary)[group] or unchanged)
 
 
 def test_ci_experiment_is_micro():
@@ -63,13 +61,79 @@ def test_ci_experiment_is_micro():
 
 
 @pytest.mark.parametrize("stage", ["sft", "reward", "ppo", "dpo", "grpo"])
-def test_a_finetuning_stage_holds_only_the_keys_it_reads(stage):
+def test_a_finetuning_stage_has_no_architecture_or_tokenizer_section(stage):
     """No architecture or BPE section after pretraining (the model comes from init_from); eval where it generates."""
     cfg = OmegaConf.to_container(compose_cfg(stage, ["experiment=ci"]))
     assert "model" not in cfg and "tokenizer" not in cfg and cfg["trust_remote_code"] is False
     assert ("eval" in cfg) == (stage != "reward")
     pretrain = OmegaConf.to_container(compose_cfg("pretrain", ["experiment=ci"]))
     assert "hidden_size" in pretrain["model"] and "vocab_size" in pretrain["tokenizer"] and "eval" not in pretrain
+
+
+# What each stage's data and trainer sections hold beyond what every stage's do.
+OWN_KEYS = {
+    "pretrain": {"data": {"text_field", "num_documents", "block_size", "max_eval_blocks"},
+                 "trainer": {"save_steps", "save_total_limit"}},
+    "sft": {"data": {"rename", "skip_bad_rows", "num_examples", "flaw_shares", "flawed_share", "max_eval_examples",
+                     "max_length"}, "trainer": {"save_steps", "save_total_limit", "group_by_length"}},
+    "reward": {"data": {"rename", "skip_bad_rows", "num_examples", "flaw_shares", "max_eval_examples", "max_length"},
+               "trainer": {"save_steps", "save_total_limit", "group_by_length"}},
+    "dpo": {"data": {"rename", "skip_bad_rows", "num_examples", "flaw_shares", "max_eval_examples", "max_length"},
+            "trainer": {"save_steps", "save_total_limit"}},
+    "ppo": {"data": {"rename", "skip_bad_rows", "num_examples"}, "trainer": set()},
+    "grpo": {"data": {"rename", "skip_bad_rows", "num_examples"}, "trainer": {"save_steps", "save_total_limit"}},
+}
+
+
+@pytest.mark.parametrize("stage", sorted(OWN_KEYS))
+def test_each_stage_has_the_data_and_trainer_keys_of_its_kind(stage):
+    """A corpus for pretraining, demonstrations for SFT, pairs for reward and DPO, prompts for PPO and GRPO; PPO,
+    whose TRL trainer cannot resume, has no checkpoint settings."""
+    cfg = OmegaConf.to_container(compose_cfg(stage))
+    common = {"kind", "path", "hub_config", "split", "sample_by", "max_rows", "eval_fraction"}
+    assert set(cfg["data"]) == common | OWN_KEYS[stage]["data"]
+    assert set(cfg["trainer"]) - set(compose_cfg("ppo")["trainer"]) == OWN_KEYS[stage]["trainer"]
+
+
+def test_rloo_has_no_grpo_loss_settings_and_an_unknown_algorithm_is_named():
+    rloo, grpo = compose("grpo", ["algorithm=rloo"]), compose("grpo")
+    assert rloo.algorithm == "rloo" and not hasattr(rloo.grpo, "loss_type")
+    assert grpo.grpo.loss_type == "dapo" and grpo.grpo.gold_every == rloo.grpo.gold_every
+    with pytest.raises(ConfigCompositionException) as e:
+        compose_cfg("grpo", ["algorithm=ppo"])
+    assert "algorithm/ppo" in str(e.value) and "rloo" in str(e.value)
+
+
+def test_make_all_gives_each_stage_only_the_keys_it_reads():
+    args = ["data.block_size=128", "model=medium", "data=local", "+data.flaw_shares.swap=1", "trainer.save_steps=5",
+            "ppo.kl_coef=0.1", "grpo.loss_type=grpo", "experiment=ci", "no_such_key=1"]
+    assert overrides_for("pretrain", args) == ["data.block_size=128", "model=medium", "data=local",
+                                               "trainer.save_steps=5", "experiment=ci", "no_such_key=1"]
+    assert overrides_for("ppo", args) == ["data=local", "ppo.kl_coef=0.1", "experiment=ci", "no_such_key=1"]
+    assert overrides_for("reward", args) == ["data=local", "+data.flaw_shares.swap=1", "trainer.save_steps=5",
+                                             "experiment=ci", "no_such_key=1"]
+    assert "grpo.loss_type=grpo" in overrides_for("grpo", args) and "grpo.loss_type=grpo" not in overrides_for("rloo", args)
+
+
+@pytest.mark.parametrize("stage,override,readers", [
+    ("ppo", "data.block_size=128", "pretrain reads it"),
+    ("sft", "model.hidden_size=64", "pretrain reads it"),
+    ("ppo", "trainer.save_steps=5", "pretrain, sft, reward, dpo, grpo, rloo read it"),
+    ("reward", "data.flawed_share=0.5", "sft reads it"),
+    ("grpo", "ppo.kl_coef=0.1", "ppo reads it"),
+])
+def test_a_key_of_another_stage_is_refused_naming_the_stages_that_read_it(stage, override, readers, capsys):
+    with pytest.raises(SystemExit) as e:
+        refuse_keys_of_other_stages(stage, ["experiment=ci", override])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert f"is not a setting of {stage}: {readers}" in err and override.split("=")[0] in err
+
+
+def test_rloo_refuses_grpo_loss_settings_and_keys_of_its_own_pass():
+    with pytest.raises(SystemExit):
+        refuse_keys_of_other_stages("grpo", ["algorithm=rloo", "grpo.loss_type=grpo"])
+    refuse_keys_of_other_stages("grpo", ["grpo.loss_type=grpo", "data=local", "no_such_key=1", "-m"])
 
 
 @pytest.mark.parametrize("override,match", [
@@ -109,8 +173,9 @@ def test_demo_gpu_experiment_composes_with_each_stages_own_steps(stage):
     gpu, cpu = validate(compose_cfg(stage, ["experiment=demo-gpu"])), validate(compose_cfg(stage, []))
     if stage == "pretrain":  # the later stages start from its checkpoint
         assert gpu.model.hidden_size > cpu.model.hidden_size
-    shares = gpu.data.flaw_shares
-    assert shares["swap"] / sum(shares.values()) > 0.3 > cpu.data.flaw_shares["swap"] / sum(cpu.data.flaw_shares.values())
+    if stage in ("sft", "reward"):  # the stages that learn from flawed responses
+        shares = gpu.data.flaw_shares
+        assert shares["swap"] / sum(shares.values()) > 0.3 > cpu.data.flaw_shares["swap"] / sum(cpu.data.flaw_shares.values())
     assert gpu.trainer.per_device_train_batch_size > cpu.trainer.per_device_train_batch_size
     if stage in ("reward", "ppo"):
         assert gpu.trainer.max_steps > cpu.trainer.max_steps

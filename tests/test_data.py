@@ -5,7 +5,7 @@ import pandas as pd
 import pytest
 
 from pipeline import demo
-from pipeline.config import DataConfig
+from pipeline.config import CorpusData
 from pipeline.data import load_corpus, non_padding_share, pack_into_blocks
 from pipeline.errors import PipelineError
 from pipeline.tokenizer import train_bpe
@@ -19,7 +19,7 @@ def tok():
 
 
 def corpus(path, **kw):
-    return DataConfig(kind="file", path=str(path), **kw)
+    return CorpusData(kind="file", path=str(path), **kw)
 
 
 def test_text_jsonl_and_parquet_give_the_same_documents(tmp_path):

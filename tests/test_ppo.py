@@ -11,8 +11,10 @@ from pipeline import demo
 from pipeline.errors import PipelineError
 from pipeline.run import StageRun
 from pipeline.tokenizer import train_bpe
-from pipeline.alignment import KLBudget, Standardize, check_handoff
+from pipeline.handoff import check_reward_handoff
+from stages.alignment import KLBudget, Standardize
 from stages.ppo import ppo_arguments
+from tests.conftest import compose
 
 
 @pytest.fixture(scope="module")
@@ -21,11 +23,7 @@ def tok():
 
 
 def ppo_config(overrides=()):
-    from hydra import compose, initialize_config_dir
-    from pipeline.config import validate
-    from tests.test_sft import CONF
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return validate(compose(config_name="ppo", overrides=["experiment=ci", *overrides]))
+    return compose("ppo", ["experiment=ci", *overrides])
 
 
 def reward_model(tok):
@@ -48,7 +46,7 @@ def test_score_is_read_at_the_eos_not_at_padding(tok):
     bad = train_bpe(demo.generate_corpus(50, 0), 300, 64)
     bad.pad_token = bad.eos_token
     with pytest.raises(PipelineError, match="pad token must differ from eos"):
-        check_handoff(bad, bad, "sft-x", "reward-y")
+        check_reward_handoff(bad, bad, "sft-x", "reward-y")
 
 
 def test_tokens_after_the_stop_token_are_masked(tok):
@@ -91,9 +89,9 @@ def test_kl_budget_stops_and_records():
 def test_tokenizer_mismatch_names_both_checkpoints(tok):
     other = train_bpe(demo.generate_corpus(300, 1), 350, 128)
     with pytest.raises(PipelineError) as e:
-        check_handoff(tok, other, "sft-aaa", "reward-bbb")
+        check_reward_handoff(tok, other, "sft-aaa", "reward-bbb")
     assert "sft-aaa" in str(e.value) and "reward-bbb" in str(e.value) and "vocabulary size" in str(e.value)
-    check_handoff(tok, tok, "sft-aaa", "reward-bbb")  # identical tokenizers pass
+    check_reward_handoff(tok, tok, "sft-aaa", "reward-bbb")  # identical tokenizers pass
 
 
 def test_pad_equal_to_eos_and_a_missing_chat_template_are_refused(tok):
@@ -101,11 +99,11 @@ def test_pad_equal_to_eos_and_a_missing_chat_template_are_refused(tok):
     same = copy.deepcopy(tok)
     same.pad_token = same.eos_token
     with pytest.raises(PipelineError, match="reward-bbb: the pad token must differ from eos"):
-        check_handoff(tok, same, "sft-aaa", "reward-bbb")
+        check_reward_handoff(tok, same, "sft-aaa", "reward-bbb")
     bare = copy.deepcopy(tok)
     bare.chat_template = None
     with pytest.raises(PipelineError, match="sft-aaa: the tokenizer has no chat template"):
-        check_handoff(bare, tok, "sft-aaa", "reward-bbb")
+        check_reward_handoff(bare, tok, "sft-aaa", "reward-bbb")
 
 
 # --- the real command, at micro sizes -------------------------------------------------------------

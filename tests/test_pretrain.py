@@ -8,7 +8,8 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from pipeline import demo
-from pipeline.run import resolved_precision, unwrapped
+from pipeline.checkpoint import unwrapped
+from pipeline.trainer import resolved_precision
 from tests.conftest import make, registry_entries
 
 pytestmark = pytest.mark.slow

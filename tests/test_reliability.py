@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from pipeline.config import overrides_for
 from pipeline.errors import PipelineError
 from pipeline.registry import Registry
-from tests.conftest import (complete_entries, copy_registry, kill, kill_after_first_checkpoint, make,
+from tests.conftest import (complete_entries, compose, copy_registry, kill, kill_after_first_checkpoint, make,
                             registry_entries, start)
 
 pytestmark = pytest.mark.slow
@@ -157,28 +157,22 @@ def test_checkpoints_are_safetensors_and_remote_code_is_off(fine_tuned, tmp_path
 def test_an_error_after_the_save_keeps_the_model(fine_tuned, tmp_path, monkeypatch, caplog):
     """An exception in the post-save evaluation: the entry completes with the training metrics, the failure is in
     its note and printed, and the model resolves by reference (the stage runs in this process)."""
-    from hydra import compose, initialize_config_dir
     from transformers import AutoModelForCausalLM
 
     import stages.sft
-    from pipeline.config import register_schemas
     from pipeline.registry import Registry
 
     home = copy_registry(fine_tuned, tmp_path)
-    register_schemas()
-    with initialize_config_dir(config_dir=str(Path(stages.sft.__file__).parent.parent / "conf"), version_base="1.3"):
-        cfg = compose("sft", overrides=[CI, f"registry.root={home}", "eval.num_prompts=4", "trainer.max_steps=5"])
+    cfg = compose("sft", [CI, f"registry.root={home}", "eval.num_prompts=4", "trainer.max_steps=5"], typed=False)
     calls = []
 
-    def judge_fails_after_training(model, *args, **kwargs):
+    def judge_fails_after_training(*args, **kwargs):
         calls.append(1)
-        if len(calls) == 2:  # the first call scores the start model, the second the saved one
-            raise RuntimeError("the judge broke")
-        return 0.25, []
+        raise RuntimeError("the judge broke")
 
-    monkeypatch.setattr(stages.sft, "gold_eval", judge_fails_after_training)
+    monkeypatch.setattr(stages.sft, "evaluate_against_start", judge_fails_after_training)
     stages.sft.run_stage("sft", cfg, stages.sft.sft, stages.sft.inputs)
-    assert len(calls) == 2
+    assert len(calls) == 1
     resolved = Registry(home).resolve("sft:latest")
     entry = resolved.entry
     assert entry.status == "complete" and "the judge broke" in entry.note and "model was saved" in entry.note

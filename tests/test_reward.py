@@ -112,7 +112,7 @@ def test_group_by_length_batches_pairs_of_similar_length(ci_fine_tuned, tmp_path
     """trainer.group_by_length: far less padding than random batches on pairs of mixed lengths."""
     from datasets import Dataset
     from trl import RewardConfig
-    from pipeline.run import CHECKPOINTING
+    from pipeline.trainer import CHECKPOINTING
     from pipeline.models import load_reward_model
     from reward_model.train import PairTrainer
 

@@ -6,25 +6,20 @@ from types import SimpleNamespace
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
 from safetensors.torch import load_file
 from tokenizers import Tokenizer, models, pre_tokenizers, decoders, trainers
 from transformers import AutoModelForCausalLM, AutoTokenizer, LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
 from pipeline import demo
-from pipeline.config import register_schemas, validate
 from pipeline.run import StageRun
 from pipeline.tokenizer import train_bpe
-from tests.conftest import complete_entries, copy_registry, make, registry_entries
+from tests.conftest import complete_entries, compose, copy_registry, make, registry_entries
 
-CONF = Path(__file__).resolve().parent.parent / "conf"
 CI = "experiment=ci"
-register_schemas()
 
 
 def ci_config(overrides=()):
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        return validate(compose(config_name="sft", overrides=[CI, *overrides]))
+    return compose("sft", [CI, *overrides])
 
 
 def tiny_model(tok):

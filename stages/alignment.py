@@ -1,16 +1,15 @@
-"""One alignment core for the stages that tune a policy from its SFT start: PPO, DPO, GRPO and RLOO.
+"""One core for the stages that tune a model and compare it with its start: SFT, PPO, DPO, GRPO and RLOO.
 
-They share the handoff checks between a policy and its reward model, the reward model as the online methods
-score with it (rewards normalised by its stored statistics), the KL budget and gold-tracking callbacks, and one
-evaluation: the tuned policy and its start sample responses to the same held-out prompts with the same noise,
-scored for reward, KL to the start, length and eos rate, and on the demo by the gold judge (gold_gain with its
-paired bootstrap interval, per-class flaw rates), with the two side by side in a sample table. Where the
+The online methods share the reward model as they score with it (rewards normalised by its stored statistics)
+and the KL budget and gold-tracking callbacks; every one of them shares one evaluation: the tuned model and its
+start sample responses to the same held-out prompts with the same noise, scored for reward (where there is a
+reward model), KL to the start, length and eos rate, and on the demo by the gold judge (gold_gain with its paired
+bootstrap interval, per-class and per-task figures), with the two side by side in a sample table. Where the
 stages differ, it is only in what their TRL trainer needs.
 """
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
@@ -23,27 +22,7 @@ from pipeline.errors import PipelineError
 from pipeline.evaluation import (flaw_rates, generate_responses, gold_gain, judge, response_logprobs,
                                  sample_responses, with_interval)
 from pipeline.models import load_reward_model
-from pipeline.tokenizer import tokenizer_fingerprint
 from reward_model.scoring import STATS_FILE, RewardModel
-
-
-def check_handoff(policy_tok, reward_tok, policy_name: str, reward_name: str) -> None:
-    """Refuse a policy and reward model that would read the same tokens differently."""
-    for name, tok in ((policy_name, policy_tok), (reward_name, reward_tok)):
-        if tok.pad_token_id is None or tok.pad_token_id == tok.eos_token_id:
-            raise PipelineError(f"{name}: the pad token must differ from eos (pad={tok.pad_token!r}, "
-                                f"eos={tok.eos_token!r}); the score is read at the eos and the padding masked")
-        if not tok.chat_template:
-            raise PipelineError(f"{name}: the tokenizer has no chat template; fine-tune with `make sft` first")
-    if tokenizer_fingerprint(policy_tok) != tokenizer_fingerprint(reward_tok):
-        diffs = [f"{what}: {a!r} vs {b!r}" for what, a, b in (
-            ("vocabulary size", len(policy_tok), len(reward_tok)),
-            ("eos", policy_tok.eos_token, reward_tok.eos_token),
-            ("pad", policy_tok.pad_token, reward_tok.pad_token),
-            ("chat template", policy_tok.chat_template[:40], reward_tok.chat_template[:40])) if a != b]
-        raise PipelineError(f"tokenizer mismatch between the policy ({policy_name}) and the reward model "
-                            f"({reward_name}): {'; '.join(diffs) or 'the vocabularies or merges differ'}. "
-                            f"Train the reward model from this policy's lineage (make reward).")
 
 
 class Standardize(nn.Module):
@@ -126,8 +105,8 @@ class GoldTracker(TrainerCallback):
 def evaluate_policy(model, ref, tok, rm: RewardModel | None, rows: list[dict], gen: GenerationEvalConfig,
                     judged: bool, desc: str) -> tuple[dict, list[dict]]:
     """Reward (with a reward model), KL to the reference, length and eos rate of responses sampled to held-out
-    prompts, and on the demo's own prompts the gold score and flaw rates (the demo's judge means nothing on
-    other data)."""
+    prompts, and on the demo's own prompts the gold score, its mean per task, and the flaw rates (the demo's judge
+    means nothing on other data)."""
     prompts = [r["prompt"] for r in rows]
     pairs = sample_responses(model, tok, prompts, gen, desc)
     texts = [tok.decode(r, skip_special_tokens=True).strip() for _, r in pairs]
@@ -142,64 +121,71 @@ def evaluate_policy(model, ref, tok, rm: RewardModel | None, rows: list[dict], g
                "eos_rate": mean([bool(r) and r[-1] == tok.eos_token_id for _, r in pairs])}
     if rm:
         metrics["reward_mean"] = mean(scores)
-    samples = [{"prompt": p[-1]["content"], "response": t, "reward": s, **v}
-               for p, t, s, v in zip(prompts, texts, scores, verdicts)]
+    samples = [{"task": row.get("task"), "prompt": p[-1]["content"], "response": t, "reward": s, **v}
+               for row, p, t, s, v in zip(rows, prompts, texts, scores, verdicts)]
     if judged:
         metrics.update(gold_score=mean([s["gold"] for s in samples]), **flaw_rates(samples))
+        for task in sorted({s["task"] for s in samples if s["task"]}):
+            metrics[f"gold_score_{task}"] = mean([s["gold"] for s in samples if s["task"] == task])
     return metrics, samples
 
 
-def evaluate_against_start(run, policy, reference, tok, rm: RewardModel | None, rows: list[dict],
+def evaluate_against_start(run, model, start, tok, rm: RewardModel | None, rows: list[dict],
                            gen: GenerationEvalConfig) -> dict:
-    """The tuned policy and its start (the reference) on the same held-out prompts, sampled with the same noise:
-    metrics of the policy, baseline_* of the start, gold_gain with its interval on the demo; the sample table
-    and the log lines. Main process only."""
+    """The tuned model and its start (for the alignment stages, their frozen reference) on the same held-out
+    prompts, sampled with the same noise: metrics of the tuned model, baseline_* of the start, gold_gain with its
+    interval on the demo; the sample table and the log lines. Main process only."""
     judged = run.cfg.data.kind == "demo"
     name = run.stage.upper()
+    origin = run.inputs["init_from"].entry
+    before = origin.stage if origin is not None else "start"  # what the table and the log call the start
     if not rows:
         run.warn("no held-out prompts to evaluate on (pairs without a prompt field): the entry has no "
-                 "figures of the tuned policy's responses")
+                 "figures of the tuned model's responses")
         return {}
-    after, samples = evaluate_policy(policy, reference, tok, rm, rows, gen, judged, f"Scoring the {name} policy")
-    before, base_samples = evaluate_policy(reference, reference, tok, rm, rows, gen, judged,
-                                           "Scoring the SFT policy")
-    metrics = {**after, **{f"baseline_{k}": v for k, v in before.items()}}
+    after, samples = evaluate_policy(model, start, tok, rm, rows, gen, judged, f"Scoring the {name} model")
+    baseline, base_samples = evaluate_policy(start, start, tok, rm, rows, gen, judged,
+                                             f"Scoring its start ({before})")
+    metrics = {**after, **{f"baseline_{k}": v for k, v in baseline.items()}}
     if judged:
         metrics.update(gold_gain([s["gold"] for s in base_samples], [s["gold"] for s in samples]))
-    write_samples(run, base_samples, samples)
+    write_samples(run, before, base_samples, samples)
     reward = (f"reward {metrics['baseline_reward_mean']:.3f} -> {metrics['reward_mean']:.3f}; "
               if rm else "")
-    gain = f" (gain {with_interval(metrics, 'gold_gain')}, 95%)" if judged else ""
-    run.log(f"{reward}gold {metrics.get('baseline_gold_score', math.nan):.3f} -> "
-            f"{metrics.get('gold_score', math.nan):.3f}{gain}; KL {metrics['kl']:.3f}; length "
+    gold = (f"gold {metrics['baseline_gold_score']:.3f} -> {metrics['gold_score']:.3f} (gain "
+            f"{with_interval(metrics, 'gold_gain')}, 95%, {len(rows)} held-out prompts); " if judged else "")
+    run.log(f"{before} -> {run.stage}: {reward}{gold}KL {metrics['kl']:.3f}; length "
             f"{metrics['response_length']:.1f}; eos rate {metrics['eos_rate']:.2f}")
     if judged:
-        run.log(f"flaw rates SFT -> {name}: " + ", ".join(
+        run.log(f"flaw rates {before} -> {run.stage}: " + ", ".join(
             f"{c} {metrics[f'baseline_flaw_rate/{c}']:.3f} -> {metrics[f'flaw_rate/{c}']:.3f}" for c in demo.FLAWS))
     return metrics
 
 
-def write_samples(run, before: list[dict], after: list[dict], n: int = 20) -> None:
-    """The start's and the tuned policy's responses to the same held-out prompts, side by side (jsonl, markdown,
-    wandb table); the tuned policy's columns are named by the stage (ppo, dpo, grpo, rloo)."""
+def write_samples(run, start: str, before: list[dict], after: list[dict], n: int = 20) -> None:
+    """The start's and the tuned model's responses to the same held-out prompts, side by side (jsonl with every
+    prompt, markdown and a wandb table with the first n); the columns are named by the start's stage and the tuned
+    model's (sft and ppo, pretrain and sft, ...)."""
     tuned = run.stage
-    rows = [{"prompt": a["prompt"], "sft": b["response"], tuned: a["response"], "sft_reward": b["reward"],
-             f"{tuned}_reward": a["reward"], "sft_gold": b["gold"], f"{tuned}_gold": a["gold"]}
+    rows = [{"task": a["task"], "prompt": a["prompt"], start: b["response"], tuned: a["response"],
+             f"{start}_reward": b["reward"], f"{tuned}_reward": a["reward"], f"{start}_gold": b["gold"],
+             f"{tuned}_gold": a["gold"], f"{start}_flaws": b["flaws"], f"{tuned}_flaws": a["flaws"]}
             for b, a in zip(before, after)]
     out = Path(run.entry.path)
     with open(out / "samples.jsonl", "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     cell = lambda s: str(s).replace("|", "/").replace("\n", " ")
     pair = lambda a, b: f" {a:.2f} → {b:.2f} |" if a is not None else ""
-    rewarded, judged = rows[0]["sft_reward"] is not None, rows[0]["sft_gold"] is not None
-    name = tuned.upper()
-    lines = [f"| prompt | SFT | {name} |" + (f" reward SFT → {name} |" if rewarded else "")
-             + (f" gold SFT → {name} |" if judged else ""),
+    rewarded, judged = rows[0][f"{start}_reward"] is not None, rows[0][f"{start}_gold"] is not None
+    was, now = start.upper(), tuned.upper()
+    lines = [f"| prompt | {was} | {now} |" + (f" reward {was} → {now} |" if rewarded else "")
+             + (f" gold {was} → {now} |" if judged else ""),
              "|---|---|---|" + ("---|" if rewarded else "") + ("---|" if judged else "")]
-    lines += [f"| {cell(r['prompt'][-160:])} | {cell(r['sft'])} | {cell(r[tuned])} |"
-              + pair(r["sft_reward"], r[f"{tuned}_reward"]) + pair(r["sft_gold"], r[f"{tuned}_gold"])
+    lines += [f"| {cell(r['prompt'][-160:])} | {cell(r[start])} | {cell(r[tuned])} |"
+              + pair(r[f"{start}_reward"], r[f"{tuned}_reward"]) + pair(r[f"{start}_gold"], r[f"{tuned}_gold"])
               for r in rows[:n]]
     (out / "samples.md").write_text("\n".join(lines) + "\n")
     if run.report_to == "wandb":
         import wandb
-        wandb.log({"samples": wandb.Table(columns=list(rows[0]), data=[list(r.values()) for r in rows[:n]])})
+        columns = [k for k in rows[0] if not k.endswith("_flaws")]
+        wandb.log({"samples": wandb.Table(columns=columns, data=[[r[k] for k in columns] for r in rows[:n]])})

@@ -1,0 +1,66 @@
+"""A stage's checkpoints: the trained model saved as a plain Hugging Face directory, the trainer checkpoint a rerun
+resumes from, and the plain model behind a trained (wrapped, sharded or adapted) one.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Optional
+
+import torch
+from accelerate.utils import extract_model_from_parallel
+from peft import PeftModel
+from torch.distributed.fsdp import FSDPModule
+
+LOG_HISTORY = "log_history.json"  # the trainer's logged metrics, saved beside each checkpoint
+
+
+def is_peft_model(model) -> bool:
+    return isinstance(model, PeftModel)
+
+
+def last_trainer_checkpoint(trainer_dir: Path) -> Optional[str]:
+    """The newest trainer checkpoint that was written completely (a kill can leave one half-written)."""
+    if not trainer_dir.is_dir():
+        return None
+    ckpts = sorted((p for p in trainer_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
+                   key=lambda p: int(p.name.split("-")[-1]), reverse=True)
+    for p in ckpts:
+        if (p / "trainer_state.json").exists() and (p / "model.safetensors").exists():
+            return str(p)
+    return None
+
+
+def save_hf_directory(trainer, tok, run) -> None:
+    """The checkpoint as a plain Hugging Face directory: model, tokenizer, generation config; safetensors only.
+
+    A LoRA run keeps its adapter in adapter/ beside the merged model, which transformers loads alone.
+    """
+    if not is_peft_model(trainer.model):
+        trainer.save_model(run.entry.path)
+        if run.is_main:
+            (Path(run.entry.path) / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is YAML
+    elif run.is_main:
+        trainer.model.save_pretrained(Path(run.entry.path) / "adapter")
+        trainer.model = trainer.model.merge_and_unload()  # merging changes the layers in place: keep the result
+        trainer.model.save_pretrained(run.entry.path)
+    if run.is_main:
+        tok.save_pretrained(run.entry.path)
+        # the logged training curve, for the run report (trainer checkpoints are removed on completion)
+        (Path(run.entry.path) / LOG_HISTORY).write_text(json.dumps(trainer.state.log_history))
+    run.state.wait_for_everyone()
+    run.saved = True
+
+
+def unwrapped(model, run=None):
+    """The plain transformers model of a trained model, for the main process to evaluate alone: LoRA adapters
+    merged in, and the forward without the mixed-precision autocast accelerate wraps it in, so that evaluation
+    runs in fp32 as before training. A model sharded across the processes (FSDP) cannot run on one of them: the
+    checkpoint its run saved, gathered whole, is loaded instead."""
+    model = extract_model_from_parallel(model, keep_fp32_wrapper=False)
+    if isinstance(model, FSDPModule):
+        if run is None:
+            raise ValueError("a model sharded with FSDP is evaluated from its run's saved checkpoint: pass the run")
+        plain = next(c for c in type(model).__mro__ if not issubclass(c, FSDPModule))  # fully_shard's subclass
+        return plain.from_pretrained(run.entry.path, dtype=torch.float32).to(run.state.device)
+    return model.merge_and_unload() if is_peft_model(model) else model

@@ -86,13 +86,14 @@ compare: install
 report: install
 	$(PY) -m pipeline.report $(PIPELINE_ID)
 
-# The fast lane for the edit-test loop: no test that runs a stage's command.
-test: install
-	$(PY) -m pytest -q -m "not slow and not faults" $(PYTEST_ARGS)
-
-# The whole suite: every stage run for real at micro sizes, the pipeline end to end (what CI runs). Test files
-# run on TEST_WORKERS processes (pytest-xdist; a file's tests stay together, sharing its fixtures).
+# Test files run on TEST_WORKERS processes (pytest-xdist; a file's tests stay together, sharing its fixtures).
 TEST_WORKERS ?= 2
+
+# The fast lane for the edit-test loop: no test marked slow (those run a stage).
+test: install
+	$(PY) -m pytest -q -m "not slow and not faults" -n $(TEST_WORKERS) $(PYTEST_ARGS)
+
+# The whole suite: every stage run for real at micro sizes, the pipeline end to end (what CI runs).
 test-all: install
 	$(PY) -m pytest -q -m "not faults" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 

@@ -9,7 +9,6 @@ import pytest
 
 from tests.conftest import copy_registry, make, registry_entries
 
-pytestmark = pytest.mark.slow
 CI = "experiment=ci"
 
 # (stage, overrides, expected in the message, needs an sft checkpoint in the registry)
@@ -36,6 +35,7 @@ def with_sft(ci_fine_tuned):
     return ci_fine_tuned
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_refused_clearly(case, with_sft, tmp_path):
     stage, args, expect, needs_sft = CASES[case]

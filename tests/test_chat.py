@@ -13,8 +13,6 @@ from pipeline import chat
 from pipeline.registry import Registry
 from tests.conftest import PY, ROOT, env_for, make
 
-pytestmark = pytest.mark.slow  # needs a fine-tuned checkpoint (the session's ci pretrain + SFT)
-
 
 class Writes(io.StringIO):
     """stdout that keeps every write apart, to see an answer arrive in pieces."""
@@ -36,6 +34,7 @@ def talk(home: Path, lines: str, capsys, *args: str) -> tuple[int, Writes, list[
     return rc, out, prompts
 
 
+@pytest.mark.slow  # needs a fine-tuned checkpoint (the session's ci pretrain + SFT)
 def test_turns_carry_the_history_until_reset_and_answers_stream(ci_fine_tuned, capsys):
     rc, out, prompts = talk(ci_fine_tuned, "Hello\nTell me more\n/reset\nAgain\n/quit\nnever read\n", capsys)
     assert rc == 0
@@ -52,6 +51,7 @@ def test_turns_carry_the_history_until_reset_and_answers_stream(ci_fine_tuned, c
     assert len(out.pieces) > 3
 
 
+@pytest.mark.slow  # needs a fine-tuned checkpoint (the session's ci pretrain + SFT)
 def test_the_oldest_turns_make_room_in_a_short_context(ci_fine_tuned, capsys):
     path = Registry(ci_fine_tuned).resolve("sft").path
     context = json.loads((Path(path) / "config.json").read_text())["max_position_embeddings"]
@@ -63,6 +63,7 @@ def test_the_oldest_turns_make_room_in_a_short_context(ci_fine_tuned, capsys):
     assert all(len(tok(p, add_special_tokens=False)["input_ids"]) + 16 <= context for p in prompts)
 
 
+@pytest.mark.slow  # needs a fine-tuned checkpoint (the session's ci pretrain + SFT)
 def test_one_shot_and_stdin_through_the_module(ci_fine_tuned):
     env = env_for(ci_fine_tuned)
     one = subprocess.run([PY, "-m", "pipeline.chat", "--model", "sft:latest", "--prompt", "Is this positive?",
@@ -82,6 +83,7 @@ def test_one_shot_and_stdin_through_the_module(ci_fine_tuned):
     assert "cpu, torch.float32)" in target.stderr
 
 
+@pytest.mark.slow  # needs a fine-tuned checkpoint (the session's ci pretrain + SFT)
 def test_batch_answers_every_prompt_row_in_its_format(ci_fine_tuned, tmp_path):
     rows = [{"prompt": "Write a short story about Tom."},
             {"prompt": [{"role": "user", "content": "Summarize: Mia went home."}]},
@@ -96,6 +98,7 @@ def test_batch_answers_every_prompt_row_in_its_format(ci_fine_tuned, tmp_path):
     assert out[1]["completion"][0]["role"] == "assistant"
 
 
+@pytest.mark.slow  # needs a fine-tuned checkpoint (the session's ci pretrain + SFT)
 def test_bad_references_rows_and_templates_are_named(ci_fine_tuned, tmp_path, capsys):
     root = ["--root", str(ci_fine_tuned)]
     assert chat.main(["--model", "ppo:latest", *root, "--prompt", "hi"]) == 2

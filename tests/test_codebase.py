@@ -1,5 +1,8 @@
-"""The code's shape: modules import one another in one direction only."""
+"""The code's shape: modules and packages import one another in one direction only; the launcher's config layer
+loads no torch."""
 import ast
+import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -50,3 +53,21 @@ def test_no_module_imports_one_that_imports_it_back():
     graph = project_imports()
     assert "pipeline.models" in graph and "pipeline.tokenizer" in graph["pipeline.models"]  # the walk sees imports
     assert cycles(graph) == []
+
+
+def test_no_package_imports_one_that_imports_it_back():
+    """pipeline <- reward_model <- stages: the shared core imports neither the reward model nor the stages."""
+    graph = project_imports()
+    packages = {p: set() for p in PACKAGES}
+    for module, imported in graph.items():
+        packages[module.split(".")[0]] |= {m.split(".")[0] for m in imported} - {module.split(".")[0]}
+    assert packages["stages"] >= {"pipeline", "reward_model"}  # the walk sees the packages' imports
+    assert cycles(packages) == [], packages
+
+
+def test_the_config_layer_loads_no_torch():
+    """`make all` filters each stage's overrides through pipeline.config before any stage starts: it must not pay for
+    importing torch (or transformers) to do so."""
+    code = "import sys, pipeline.config, pipeline.all; print(sorted(m for m in ('torch', 'transformers') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

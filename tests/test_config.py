@@ -1,10 +1,12 @@
 """Every shipped config composes and validates; bad keys, types and values are refused by name."""
+import copy
+import functools
 from pathlib import Path
 
 import pytest
 import yaml
 from hydra.errors import ConfigCompositionException
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, OmegaConf
 
 from pipeline.config import overrides_for, refuse_keys_of_other_stages, validate
 from pipeline.errors import PipelineError
@@ -15,8 +17,14 @@ PRIMARY = ["pretrain", "sft", "reward", "ppo", "dpo", "grpo"]
 REQUIRED = {("model", "hub"): ["model.name_or_path=org/model"], ("data", "local"): ["data.path=corpus.txt"]}
 
 
-def compose_cfg(name, overrides=()):
+@functools.lru_cache(maxsize=None)
+def _composed(name: str, overrides: tuple) -> DictConfig:
     return compose(name, overrides, typed=False)
+
+
+def compose_cfg(name, overrides=()):
+    """The composed config (each composition done once: a test may change its copy)."""
+    return copy.deepcopy(_composed(name, tuple(overrides)))
 
 
 def default_choices(primary: str) -> dict[str, str]:

@@ -11,14 +11,16 @@ from pipeline import demo
 from tests.conftest import ROOT, complete_entries, env_for, make, make_vars, registry_entries
 from tests.wandb_records import runs_and_artifacts
 
-pytestmark = pytest.mark.slow
 PIPELINE_ID = "pipeline-test"
 
 
 def quickstart_commands() -> list[str]:
-    readme = (ROOT / "README.md").read_text()
-    block = re.search(r"## Quickstart\s+```bash\n(.*?)```", readme, re.S).group(1)
-    return [line.split("#")[0].strip() for line in block.splitlines() if line.split("#")[0].strip()]
+    """The commands of the Quickstart's code blocks, but `make test`: the test suite itself."""
+    section = re.search(r"## Quickstart\n(.*?)\n## ", (ROOT / "README.md").read_text(), re.S).group(1)
+    lines = [line.split("#")[0].strip() for block in re.findall(r"```bash\n(.*?)```", section, re.S)
+             for line in block.splitlines()]
+    assert "make test" in lines
+    return [line for line in lines if line and line != "make test"]
 
 
 @pytest.fixture(scope="module")
@@ -38,6 +40,7 @@ def pipeline_home(tmp_path_factory):
     return home, outputs
 
 
+@pytest.mark.slow
 def test_quickstart_runs_the_whole_pipeline(pipeline_home):
     home, outputs = pipeline_home
     assert quickstart_commands()[0] == "make all"
@@ -45,6 +48,7 @@ def test_quickstart_runs_the_whole_pipeline(pipeline_home):
         assert f"{stage}-" in outputs[-1], outputs[-1]
 
 
+@pytest.mark.slow
 def test_four_complete_entries_with_their_lineage(pipeline_home):
     home, _ = pipeline_home
     entries = registry_entries(home)
@@ -57,6 +61,7 @@ def test_four_complete_entries_with_their_lineage(pipeline_home):
     assert {m["pipeline_id"] for m in manifests} == {PIPELINE_ID}
 
 
+@pytest.mark.slow
 def test_summary_table_and_report(pipeline_home):
     home, outputs = pipeline_home
     table = outputs[0][outputs[0].index("stage  "):]
@@ -75,6 +80,7 @@ def test_summary_table_and_report(pipeline_home):
     assert "| prompt | SFT | PPO |" in page  # the samples side by side
 
 
+@pytest.mark.slow
 def test_entries_carry_the_per_class_figures_and_the_report_tabulates_them(pipeline_home):
     """Reward accuracy per flaw class, each class's rate in the SFT and PPO samples and in their starts'."""
     home, _ = pipeline_home
@@ -101,6 +107,7 @@ def test_entries_carry_the_per_class_figures_and_the_report_tabulates_them(pipel
     assert f"{by_stage['reward']['eval_accuracy/swap']:.3f}" in row and f"{by_stage['ppo']['flaw_rate/swap']:.3f}" in row
 
 
+@pytest.mark.slow
 def test_make_report_rebuilds_it_and_names_an_unknown_run(pipeline_home):
     home, _ = pipeline_home
     page = home / "pipelines" / PIPELINE_ID / "report.md"
@@ -113,6 +120,7 @@ def test_make_report_rebuilds_it_and_names_an_unknown_run(pipeline_home):
     assert PIPELINE_ID in r.stderr  # and it lists the runs it knows
 
 
+@pytest.mark.slow
 def test_wandb_runs_share_a_group_and_artifacts_follow_the_lineage(pipeline_home):
     home, _ = pipeline_home
     runs, artifacts = runs_and_artifacts(home / "wandb")

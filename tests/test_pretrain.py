@@ -12,7 +12,6 @@ from pipeline.checkpoint import unwrapped
 from pipeline.trainer import resolved_precision
 from tests.conftest import make, registry_entries
 
-pytestmark = pytest.mark.slow
 CI = "experiment=ci"
 
 
@@ -20,6 +19,7 @@ def complete(home, stage="pretrain"):
     return [e for e in registry_entries(home, stage) if e["status"] == "complete"]
 
 
+@pytest.mark.slow
 def test_pretrain_learns_and_registers_a_loadable_checkpoint(home):
     r = make("pretrain", home, CI)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -53,6 +53,7 @@ def test_pretrain_learns_and_registers_a_loadable_checkpoint(home):
     assert f"Complete: {e['id']}" in log.read_text() and (log.parent / ".hydra" / "config.yaml").exists()
 
 
+@pytest.mark.slow
 def test_own_text_trains(home, tmp_path):
     """A corpus of the user's own (a .parquet here; test_data.py checks each file kind gives the same documents)."""
     texts = demo.generate_corpus(300, 9)
@@ -64,6 +65,7 @@ def test_own_text_trains(home, tmp_path):
     assert e["config"]["data"]["path"] == str(f) and e["metrics"]["eval_loss"] < e["metrics"]["initial_eval_loss"]
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("args,expect", [
     ("no_such_key=1", "no_such_key"),
     ("trainer.max_steps=many", "max_steps"),
@@ -85,6 +87,7 @@ def test_bad_input_is_refused_clearly(home, tmp_path, args, expect):
     assert not complete(home)
 
 
+@pytest.mark.slow
 def test_two_processes_make_one_entry(home):
     r = make("pretrain", home, CI, NPROC=2)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
@@ -127,6 +130,7 @@ def test_evaluation_after_mixed_precision_training_runs_in_fp32():
         AcceleratorState._reset_state(reset_partial_state=True)  # the next test's trainer sets its own
 
 
+@pytest.mark.slow
 def test_extra_text_from_a_file_gives_its_words_their_own_tokens(home, tmp_path):
     """tokenizer.extra_text: the words of a fine-tuning file become tokens, and the entry says what the BPE saw."""
     chats = tmp_path / "chats.jsonl"

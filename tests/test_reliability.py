@@ -17,7 +17,6 @@ from pipeline.registry import Registry
 from tests.conftest import (complete_entries, compose, copy_registry, kill, kill_after_first_checkpoint, make,
                             registry_entries, start)
 
-pytestmark = pytest.mark.slow
 CI = "experiment=ci"
 LONG = "trainer.max_steps=80 trainer.save_steps=10 trainer.logging_steps=1000"
 
@@ -40,6 +39,7 @@ def fine_tuned(ci_fine_tuned):
     return ci_fine_tuned
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("stage", ["pretrain", "sft", "reward"])
 def test_killed_stage_resumes_to_the_uninterrupted_result(fine_tuned, tmp_path, stage):
     """kill -9 after the first trainer checkpoint; the rerun resumes (data position, optimizer, scheduler,
@@ -66,6 +66,7 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(fine_tuned, tmp_path, 
     assert_registry_consistent(home)
 
 
+@pytest.mark.slow
 @pytest.mark.faults
 def test_random_kills_never_corrupt_the_registry(home):
     """Fault injection: kill -9 at random points (before, during and after setup and checkpoints); after
@@ -87,6 +88,7 @@ def test_random_kills_never_corrupt_the_registry(home):
     assert all(e["status"] in ("failed", "running") for e in registry_entries(home) if e["id"] != done["id"])
 
 
+@pytest.mark.slow
 def test_two_stages_at_once_both_complete(home):
     runs = [start("pretrain", home, CI) for _ in range(2)]
     outs = [p.communicate(timeout=600)[0] for p in runs]
@@ -96,6 +98,7 @@ def test_two_stages_at_once_both_complete(home):
     assert_registry_consistent(home)
 
 
+@pytest.mark.slow
 def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(home):
     args = (f"{CI} trainer.learning_rate=1e6 trainer.warmup_steps=100 trainer.lr_scheduler_type=linear "
             "trainer.max_grad_norm=0 trainer.save_steps=1 trainer.logging_steps=1")
@@ -115,6 +118,7 @@ def test_non_finite_loss_stops_with_the_step_and_keeps_the_last_good_checkpoint(
 SECRET = "sEcReT-c4n4ry-7f2e"
 
 
+@pytest.mark.slow
 def test_no_secret_lands_in_any_file_a_run_writes(home):
     env = {"WANDB_API_KEY": "local-" + SECRET, "HF_TOKEN": "hf_" + SECRET, "MY_SERVICE_TOKEN": SECRET,
            "OTHER_API_KEY": SECRET}
@@ -131,6 +135,7 @@ def test_no_secret_lands_in_any_file_a_run_writes(home):
     assert list(home.glob("wandb/offline-run-*"))  # wandb wrote its files, and none holds the secret
 
 
+@pytest.mark.slow
 def test_checkpoints_are_safetensors_and_remote_code_is_off(fine_tuned, tmp_path):
     for e in registry_entries(fine_tuned):
         files = os.listdir(e["path"])
@@ -154,6 +159,7 @@ def test_checkpoints_are_safetensors_and_remote_code_is_off(fine_tuned, tmp_path
     assert "Traceback" not in r.stdout + r.stderr
 
 
+@pytest.mark.slow
 def test_an_error_after_the_save_keeps_the_model(fine_tuned, tmp_path, monkeypatch, caplog):
     """An exception in the post-save evaluation: the entry completes with the training metrics, the failure is in
     its note and printed, and the model resolves by reference (the stage runs in this process)."""

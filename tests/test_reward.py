@@ -8,7 +8,6 @@ from pipeline import demo
 from reward_model.scoring import RewardModel, as_text
 from tests.conftest import complete_entries, copy_registry, make, registry_entries
 
-pytestmark = pytest.mark.slow
 CI = "experiment=ci"
 
 
@@ -21,6 +20,7 @@ def complete(home, stage="reward"):
     return complete_entries(home, stage)
 
 
+@pytest.mark.slow
 def test_reward_trains_on_the_demo_and_the_api_agrees(home_with_sft):
     home = home_with_sft
     [sft] = complete(home, "sft")
@@ -43,6 +43,7 @@ def test_reward_trains_on_the_demo_and_the_api_agrees(home_with_sft):
     assert rm.stats["score_std"] == m["score_std"]
 
 
+@pytest.mark.slow
 def test_score_is_read_at_the_eos_not_padding(home_with_sft):
     home = home_with_sft
     r = make("reward", home, f"{CI} trainer.max_steps=5")
@@ -67,6 +68,7 @@ FORMATS = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_each_preference_format_trains(home_with_sft, tmp_path, fmt):
     home = home_with_sft
@@ -87,6 +89,7 @@ BAD = {
 }
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("case", list(BAD))
 def test_bad_pairs_are_named_by_row(home_with_sft, tmp_path, case):
     home = home_with_sft
@@ -101,6 +104,7 @@ def test_bad_pairs_are_named_by_row(home_with_sft, tmp_path, case):
     assert "Traceback" not in out and not complete(home)
 
 
+@pytest.mark.slow
 def test_missing_sft_gives_the_remedy(home):
     r = make("reward", home, CI)
     out = r.stdout + r.stderr
@@ -108,6 +112,7 @@ def test_missing_sft_gives_the_remedy(home):
     assert registry_entries(home) == []
 
 
+@pytest.mark.slow
 def test_group_by_length_batches_pairs_of_similar_length(ci_fine_tuned, tmp_path):
     """trainer.group_by_length: far less padding than random batches on pairs of mixed lengths."""
     from datasets import Dataset
@@ -130,6 +135,7 @@ def test_group_by_length_batches_pairs_of_similar_length(ci_fine_tuned, tmp_path
     assert grouped < 0.7 * shuffled, (grouped, shuffled)
 
 
+@pytest.mark.slow
 def test_pairs_longer_than_max_length_are_counted_and_named(home_with_sft):
     """TRL drops pairs longer than max_length from training without a word: the stage says how many."""
     r = make("reward", home_with_sft, f"{CI} trainer.max_steps=2 data.max_length=60")

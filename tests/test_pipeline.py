@@ -94,10 +94,12 @@ def test_entries_carry_the_per_class_figures_and_the_report_tabulates_them(pipel
     pairs = sum(rm[f"eval_pairs/{c}"] for c in reward)  # every demo pair names its class: together, the overall figure
     assert rm["eval_accuracy"] == pytest.approx(sum(reward[c] * rm[f"eval_pairs/{c}"] for c in reward) / pairs)
     # each flaw rate is that of the saved samples, as the demo's detectors find them
-    samples = [json.loads(l) for l in open(next((home / "checkpoints").glob("sft-*")) / "eval_samples.jsonl")]
+    sft_rows = [json.loads(l) for l in open(next((home / "checkpoints").glob("sft-*")) / "samples.jsonl")]
     ppo_rows = [json.loads(l) for l in open(next((home / "checkpoints").glob("ppo-*")) / "samples.jsonl")]
     for c in demo.FLAWS:
-        assert by_stage["sft"][f"flaw_rate/{c}"] == pytest.approx(sum(c in s["flaws"] for s in samples) / len(samples))
+        assert by_stage["sft"][f"flaw_rate/{c}"] == pytest.approx(sum(c in s["sft_flaws"] for s in sft_rows) / len(sft_rows))
+        assert by_stage["sft"][f"baseline_flaw_rate/{c}"] == \
+            pytest.approx(sum(c in s["pretrain_flaws"] for s in sft_rows) / len(sft_rows))
         for key, column in ((f"flaw_rate/{c}", "ppo"), (f"baseline_flaw_rate/{c}", "sft")):
             found = [c in demo.detect_flaws(r["prompt"], r[column]) for r in ppo_rows]
             assert by_stage["ppo"][key] == pytest.approx(sum(found) / len(found)), (key, column)

@@ -102,11 +102,13 @@ def test_sft_learns_from_pretrain_latest(home_with_pretrain):
     m = e["metrics"]
     assert e["parents"] == [pre["id"]]
     assert m["eval_loss"] < m["initial_eval_loss"]
-    samples = [json.loads(l) for l in open(Path(e["path"]) / "eval_samples.jsonl")]
-    baseline = json.loads((Path(e["path"]) / "baseline_gold.json").read_text())
-    # the figures are those of the saved samples, start and fine-tuned model on the same prompts
-    assert m["gold_score"] == pytest.approx(sum(s["gold"] for s in samples) / len(samples))
-    assert m["baseline_gold_score"] == pytest.approx(sum(baseline) / len(baseline)) and len(baseline) == len(samples)
+    samples = [json.loads(l) for l in open(Path(e["path"]) / "samples.jsonl")]
+    # the figures are those of the saved samples, start (pretrain) and fine-tuned model on the same prompts
+    assert m["gold_score"] == pytest.approx(sum(s["sft_gold"] for s in samples) / len(samples))
+    assert m["baseline_gold_score"] == pytest.approx(sum(s["pretrain_gold"] for s in samples) / len(samples))
+    for task in demo.TASKS:  # per task, from the same samples
+        mine = [s["sft_gold"] for s in samples if s["task"] == task]
+        assert m[f"gold_score_{task}"] == pytest.approx(sum(mine) / len(mine))
     assert 0.5 < m["demonstration_gold_score"] < 1.0  # the flawed share costs the demonstrations' own gold
     before, after = load_file(Path(pre["path"]) / "model.safetensors"), load_file(Path(e["path"]) / "model.safetensors")
     assert any(not torch.equal(before[k], after[k]) for k in before)  # parameters changed

@@ -80,7 +80,11 @@ def evaluate_pairs(rm: RewardModel, pairs: list[dict], classes: list[str | None]
 
 def reward(run: StageRun) -> dict:
     cfg: RewardStageConfig = run.cfg
+
+    # --- model
     model, tok = load_reward_model(run.inputs["init_from"].path, cfg.trust_remote_code)  # a new score head
+
+    # --- data
     train_pairs, eval_pairs = load_preference_data(cfg.data, cfg.seed, run.cache_dir)
     eval_classes = [p.pop("flaw", None) for p in eval_pairs]  # the demo's: for the per-class accuracies only
     run.record_fingerprints(train_pairs, tok)
@@ -90,6 +94,7 @@ def reward(run: StageRun) -> dict:
     if run.is_main and "initial_eval_accuracy" not in run.entry.metrics:
         run.record(initial_eval_accuracy=RewardModel(model, tok).pair_accuracy(eval_pairs)[0])
 
+    # --- trainer
     args = trainer_arguments(run, RewardConfig, max_length=cfg.data.max_length, disable_dropout=True,
                              dataset_num_proc=None)
     trainer = PairTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
@@ -101,10 +106,13 @@ def reward(run: StageRun) -> dict:
         run.log(f"{'WARNING: ' if dropped > 0.01 * len(train_pairs) else ''}{dropped} of {len(train_pairs)} pairs are "
                 f"longer than data.max_length={cfg.data.max_length} tokens and are left out of training; raise "
                 f"data.max_length to keep them")
+
+    # --- train and save
     result = trainer.train(resume_from_checkpoint=run.resume_from)
     eval_loss = trainer.evaluate()["eval_loss"]
     save_hf_directory(trainer, tok, run)
 
+    # --- evaluate the held-out pairs
     metrics = {"eval_loss": eval_loss, "train_loss": result.training_loss,
                "train_runtime_s": result.metrics["train_runtime"], "global_step": result.global_step}
     run.record(**metrics)  # kept should the evaluation below fail

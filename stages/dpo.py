@@ -47,8 +47,12 @@ def heldout_prompts(cfg: DPOStageConfig, eval_pairs: list[dict]) -> list[dict]:
 def dpo(run: StageRun) -> dict:
     cfg: DPOStageConfig = run.cfg
     start = run.inputs["init_from"]
+
+    # --- models: policy and reference
     policy, tok = load_causal_lm(start.path, cfg.trust_remote_code)
     reference, _ = load_causal_lm(start.path, cfg.trust_remote_code)
+
+    # --- data
     train_pairs, eval_pairs = load_preference_data(cfg.data, cfg.seed, run.cache_dir)
     for p in eval_pairs:
         p.pop("flaw", None)  # the demo's class of the rejected response: not a column TRL knows
@@ -57,6 +61,7 @@ def dpo(run: StageRun) -> dict:
             f"{list(cfg.dpo.loss_type)}; peft={cfg.peft.method}")
     check_data_coverage(run, tok, [{"prompt": p.get("prompt"), "chosen": p["chosen"]} for p in train_pairs], policy)
 
+    # --- trainer
     d = cfg.dpo
     args = trainer_arguments(run, DPOConfig, beta=d.beta, loss_type=list(d.loss_type),
                              loss_weights=list(d.loss_weights) if d.loss_weights else None,
@@ -66,12 +71,16 @@ def dpo(run: StageRun) -> dict:
     trainer = DPOTrainer(model=policy, ref_model=None if peft else reference, args=args,
                          train_dataset=Dataset.from_list(train_pairs), eval_dataset=Dataset.from_list(eval_pairs),
                          processing_class=tok, peft_config=peft, callbacks=standard_callbacks(run))
+
+    # --- train and save
     result = trainer.train(resume_from_checkpoint=run.resume_from)
     held = trainer.evaluate()  # the implicit reward, beta x log(policy / reference), on held-out pairs
     save_hf_directory(trainer, tok, run)
 
+    # --- evaluate against the start
     metrics = {"train_loss": result.training_loss, "global_step": result.global_step,
-               "train_runtime_s": result.metrics["train_runtime"], "eval_loss": held["eval_loss"], "implicit_reward_accuracy": held["eval_rewards/accuracies"],
+               "train_runtime_s": result.metrics["train_runtime"], "eval_loss": held["eval_loss"],
+               "implicit_reward_accuracy": held["eval_rewards/accuracies"],
                "implicit_reward_margin": held["eval_rewards/margins"]}
     run.record(**metrics)  # kept should the evaluation below fail
     run.log(f"held-out pairs: implicit-reward accuracy {metrics['implicit_reward_accuracy']:.3f}, margin "

@@ -66,6 +66,8 @@ def grpo(run: StageRun) -> dict:
     cfg: RLOOStageConfig = run.cfg
     g, trust = cfg.grpo, cfg.trust_remote_code
     start = run.inputs["init_from"]
+
+    # --- models: policy, reference, and the reward sources
     policy, tok = load_causal_lm(start.path, trust)
     reference, _ = load_causal_lm(start.path, trust)  # the start, for the evaluation against it
 
@@ -88,12 +90,14 @@ def grpo(run: StageRun) -> dict:
         run.warn("training on the demo's gold judge (demo_oracle): an oracle no deployed system has. The entry is "
                  "marked oracle: the upper bound of what RL reaches on the demo, not a result to compare as one")
 
+    # --- data
     train_rows, eval_rows = load_prompt_data(cfg.data, cfg.seed, run.cache_dir, cfg.eval.num_prompts)
     run.record_fingerprints(train_rows, tok)
     check_data_coverage(run, tok, [{"prompt": r["prompt"]} for r in train_rows], policy)
     run.log(f"{cfg.algorithm}: {len(train_rows)} training prompts, {len(eval_rows)} held-out prompts; groups of "
             f"{g.num_generations}; rewards: {', '.join([cfg.reward_model] * bool(rm) + list(cfg.reward_functions))}")
 
+    # --- trainer
     trainer_cls, args = trainer_and_args(run)
     judged = cfg.data.kind == "demo"
     tracker = GoldTracker(policy, tok, eval_rows[:g.gold_prompts] if judged else [], g.gold_every, cfg.eval,
@@ -103,12 +107,15 @@ def grpo(run: StageRun) -> dict:
                           processing_class=tok, reward_processing_classes=processing,
                           peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
                           callbacks=[*standard_callbacks(run, timer_skip=1), tracker, budget])
+
+    # --- train and save
     try:
         trainer.train(resume_from_checkpoint=run.resume_from)
     except KLBudget.Exceeded:
         pass  # recorded below
     save_hf_directory(trainer, tok, run)
 
+    # --- evaluate against the start
     metrics = {"global_step": trainer.state.global_step, "oracle": oracle}
     budget.record(run, metrics)
     run.record(**metrics)  # kept should the evaluation below fail

@@ -63,6 +63,8 @@ def ppo(run: StageRun) -> dict:
     cfg: PPOStageConfig = run.cfg
     policy_ref, reward_ref = run.inputs["init_from"], run.inputs["reward_model"]
     trust = cfg.trust_remote_code
+
+    # --- models: policy, reference, reward and value
     policy, tok = load_causal_lm(policy_ref.path, trust)
     reference, _ = load_causal_lm(policy_ref.path, trust)
     rm = RewardModel(*load_reward_model(reward_ref.path, trust))
@@ -72,6 +74,7 @@ def ppo(run: StageRun) -> dict:
     scorer, _ = load_scorer(reward_ref.path, trust, stats)
     value, _ = load_reward_model(reward_ref.path, trust)  # the value model starts as the reward model
 
+    # --- data
     train_rows, eval_rows = load_prompt_data(cfg.data, cfg.seed, run.cache_dir, cfg.eval.num_prompts)
     run.record_fingerprints(train_rows, tok)
     check_data_coverage(run, tok, [{"prompt": r["prompt"]} for r in train_rows], policy)
@@ -83,6 +86,7 @@ def ppo(run: StageRun) -> dict:
     run.log(f"{len(train_rows)} training prompts, {len(eval_rows)} held-out prompts; reward statistics "
             f"mean {stats['score_mean']:.3f} std {stats['score_std']:.3f}")
 
+    # --- trainer
     args = ppo_arguments(run)
     p = cfg.ppo
     tracker = GoldTracker(policy, tok, eval_rows[:p.gold_prompts] if cfg.data.kind == "demo" else [], p.gold_every,
@@ -93,12 +97,15 @@ def ppo(run: StageRun) -> dict:
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=reference, reward_model=scorer,
                          value_model=value, train_dataset=train_ds, eval_dataset=eval_ds,
                          peft_config=lora_config(cfg.peft, "CAUSAL_LM"), callbacks=callbacks)
+
+    # --- train and save
     try:
         trainer.train()
     except KLBudget.Exceeded:
         pass  # recorded below
     save_hf_directory(trainer, tok, run)
 
+    # --- evaluate against the start
     metrics = {"ppo_steps": trainer.state.global_step, "episodes": trainer.state.episode}
     budget.record(run, metrics)
     run.record(**metrics)  # kept should the evaluation below fail

@@ -89,11 +89,15 @@ def pretrain(run: StageRun) -> dict:
                       data_collator=default_data_collator, processing_class=tok,
                       callbacks=[*standard_callbacks(run), InitialEvalLoss(run)],
                       optimizer_cls_and_kwargs=trainer_optimizer(cfg.optimizer, args, run.state.distributed_type))
+
+    # --- train and save
     result = trainer.train(resume_from_checkpoint=run.resume_from)
     eval_loss = trainer.evaluate()["eval_loss"]
     run.log(f"Eval loss after training: {eval_loss:.4f} (perplexity {math.exp(eval_loss):.2f})")
 
     save_hf_directory(trainer, tok, run)
+
+    # --- evaluate: held-out loss (above), speed, and on the demo the copying the later stages need
     steps_run = result.global_step - (int(run.resume_from.rsplit("-", 1)[1]) if run.resume_from else 0)
     t = cfg.trainer
     tokens = steps_run * t.per_device_train_batch_size * t.gradient_accumulation_steps \

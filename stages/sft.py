@@ -86,18 +86,26 @@ def build_trainer(run: StageRun, model, tok, train_rows: list[dict], eval_rows: 
 def sft(run: StageRun) -> dict:
     cfg: SFTStageConfig = run.cfg
     start = run.inputs["init_from"]
+
+    # --- model
     model, tok = load_causal_lm(start.path, cfg.trust_remote_code)
+
+    # --- data
     train_rows, eval_rows = load_sft_data(cfg.data, cfg.seed, run.cache_dir)
     run.record_fingerprints(train_rows, tok)
     run.log(f"{len(train_rows)} train / {len(eval_rows)} eval demonstrations; model "
             f"{count_parameters(model) / 1e6:.2f}M parameters; peft={cfg.peft.method}")
     check_data_coverage(run, tok, train_rows, model)
 
+    # --- trainer
     trainer = build_trainer(run, model, tok, train_rows, eval_rows)
+
+    # --- train and save
     result = trainer.train(resume_from_checkpoint=run.resume_from)
     eval_loss = trainer.evaluate()["eval_loss"]
     save_hf_directory(trainer, tok, run)
 
+    # --- evaluate against the start
     metrics = {"initial_eval_loss": run.entry.metrics["initial_eval_loss"], "eval_loss": eval_loss,
                "perplexity": math.exp(min(eval_loss, 50.0)), "train_loss": result.training_loss,
                "train_runtime_s": result.metrics["train_runtime"], "global_step": result.global_step}

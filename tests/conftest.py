@@ -56,6 +56,13 @@ def registry_entries(home: Path, stage: str | None = None) -> list[dict]:
     return json.loads(out.stdout)
 
 
+def pytest_collection_modifyitems(config, items):
+    """Test files that run stages first, the quick ones last: pytest-xdist hands a file to each free worker in this
+    order (make test-all: --dist loadfile), so the quick files even out the workers' ends."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)  # stable: each file keeps its own order
+
+
 @pytest.fixture
 def home(tmp_path) -> Path:
     return tmp_path / "runs"

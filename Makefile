@@ -36,13 +36,10 @@ STAGE_ARGS = $(filter -m --multirun,$(ARGS)) $(filter-out -m --multirun,$(ARGS))
 
 install: $(STAMP)
 
-# --no-compile: Python compiles each module the first time it is imported, rather than pip every module of every
-# package at install (most of torch's and transformers' are never imported here); a fresh install takes half the time.
-PIP := $(PY) -m pip install --quiet --disable-pip-version-check --no-compile
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PIP) "$(TORCH)"
-	$(PIP) -e ".[dev]"
+	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
 	touch $(STAMP)
 
 pretrain: install

@@ -1,7 +1,6 @@
 """Every shipped config composes and validates; bad keys, types and values are refused by name."""
 import copy
 import functools
-from pathlib import Path
 
 import pytest
 import yaml

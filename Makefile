@@ -29,10 +29,15 @@ else
     --num_cpu_threads_per_process $(THREADS)
 endif
 LAUNCH := $(VENV)/bin/accelerate launch --quiet $(LAUNCH_FLAGS) -m
+# One process on its own needs no launcher: the environment `accelerate launch` would give it, and the stage
+# module at once, without a second interpreter importing torch before it.
+ifeq ($(ACCELERATE_CONFIG)$(NPROC),1)
+  LAUNCH := env OMP_NUM_THREADS=$(THREADS) ACCELERATE_MIXED_PRECISION=no ACCELERATE_DYNAMO_BACKEND=no $(PY) -m
+endif
 # Hydra takes -m (--multirun) only before the overrides: move it there wherever ARGS has it.
 STAGE_ARGS = $(filter -m --multirun,$(ARGS)) $(filter-out -m --multirun,$(ARGS))
 
-.PHONY: install pretrain sft reward ppo dpo grpo rlhf all chat compare report test test-all test-faults bench registry clean-venv
+.PHONY: install pretrain sft reward ppo dpo grpo rlhf all chat compare report test test-all test-faults bench overopt registry clean-venv
 
 install: $(STAMP)
 
@@ -104,6 +109,11 @@ test-faults: install
 # Speed against a bare PyTorch loop and the machine's matmul peak: a table and $PIPELINE_HOME/bench.json.
 bench: install
 	$(PY) -m bench.run $(ARGS)
+
+# Reward over-optimisation (bench/overopt.py): long PPO and GRPO runs against a reward ensemble, unguarded and with
+# the conservative reward, on two seeds; $PIPELINE_HOME/overopt.json and overopt.png. Needs `make sft` first.
+overopt: install
+	$(PY) -m bench.overopt $(ARGS)
 
 registry: install
 	$(PY) -m pipeline.registry list

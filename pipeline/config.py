@@ -355,15 +355,36 @@ class SFTStageConfig(GeneratingStageConfig):
 
 
 @dataclass
+class RewardSettings:
+    """One reward model, or an ensemble of them in one entry, scored as one: their mean and their disagreement."""
+    # Members of the ensemble: score heads on one backbone (one forward pass scores them all), each with its own
+    # initialisation and trained on its own bootstrap share of every batch. 1: a single reward model.
+    ensemble_size: int = 1
+    # The share of each batch's pairs a member trains on (each pair drawn for each member independently): what
+    # keeps the members apart where the data does not settle the answer. 1.0: every member sees every pair.
+    ensemble_subsample: float = 0.5
+
+    def __post_init__(self):
+        if self.ensemble_size < 1:
+            raise ValueError(f"reward.ensemble_size must be at least 1, got {self.ensemble_size}")
+        if not 0 < self.ensemble_subsample <= 1:
+            raise ValueError(f"reward.ensemble_subsample must be in (0, 1], got {self.ensemble_subsample}")
+
+
+@dataclass
 class RewardStageConfig(FinetuneStageConfig):
-    # The backbone of the reward model (the SFT model by default); a one-output sequence-classification head
-    # is put on top.
+    # The backbone of the reward model (the SFT model by default); a sequence-classification head with one
+    # output per ensemble member is put on top.
     init_from: str = "sft:latest"
     data: PairData = field(default_factory=PairData)
     trainer: LengthGroupedTrainerConfig = field(default_factory=LengthGroupedTrainerConfig)
+    reward: RewardSettings = field(default_factory=RewardSettings)
     # Warn when |correlation(score, response length)| on held-out responses exceeds this: a reward model
     # that just likes long (or short) answers.
     length_correlation_warning: float = 0.5
+
+
+UNCERTAINTY_MODES = ("none", "mean_minus_std", "min")
 
 
 @dataclass
@@ -380,6 +401,23 @@ class OnlineRLSettings:
     # sampled with the eval settings, as the final evaluation samples them (<stage>_history.json).
     gold_every: int = 8
     gold_prompts: int = 48
+    # With a reward-model ensemble (reward.ensemble_size > 1), the reward the policy is trained on, from the
+    # members' normalised scores: none (their mean), mean_minus_std (the mean less reward_uncertainty_coef times
+    # their std: a conservative reward that pays less where the members disagree) or min (the lowest member's).
+    reward_uncertainty: str = "none"
+    reward_uncertainty_coef: float = 1.0
+    # Warn when the ensemble's disagreement on the policy's rollouts (reward/ensemble_std) exceeds this many times
+    # its value on the first update's rollouts, those of the start; null turns the warning off. With
+    # disagreement_stop the stage also stops there, keeping the policy of that update. Recorded in the entry.
+    disagreement_budget: Optional[float] = 1.5
+    disagreement_stop: bool = False
+
+    def __post_init__(self):
+        if self.reward_uncertainty not in UNCERTAINTY_MODES:
+            raise ValueError(f"reward_uncertainty must be one of {', '.join(UNCERTAINTY_MODES)}, got "
+                             f"{self.reward_uncertainty!r}")
+        if self.disagreement_budget is not None and self.disagreement_budget <= 0:
+            raise ValueError(f"disagreement_budget must be positive (or null), got {self.disagreement_budget}")
 
 
 @dataclass
@@ -410,6 +448,7 @@ class PPOSettings(OnlineRLSettings):
     rollout_batch_size: int = 64
 
     def __post_init__(self):
+        super().__post_init__()
         if self.kl_estimator not in ("k1", "k3"):
             raise ValueError(f"ppo.kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
         if self.temperature <= 0:
@@ -477,6 +516,7 @@ class GroupSettings(OnlineRLSettings):
     num_iterations: int = 1
 
     def __post_init__(self):
+        super().__post_init__()
         if self.num_generations < 2:
             raise ValueError(f"grpo.num_generations must be at least 2 (a group), got {self.num_generations}")
         if self.temperature <= 0:

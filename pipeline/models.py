@@ -3,7 +3,7 @@
     build_llama(cfg, tok, max_positions)   a fresh Llama sized by a model preset (pretraining from scratch)
     load_tokenizer(name_or_path)           a model's tokenizer, with the pipeline's tokens
     load_causal_lm(name_or_path)           (model, tokenizer): a hub model to pretrain on, a policy to fine-tune
-    load_reward_model(name_or_path)        (model, tokenizer): a one-output score head on a checkpoint
+    load_reward_model(name_or_path)        (model, tokenizer): a score head (one output per member) on a checkpoint
     load_as_saved(name_or_path)            (model, tokenizer) exactly as saved, for generation (the chat CLI)
 
 A name is a local Hugging Face directory or a hub id. Every tokenizer has what the later stages need (pad !=
@@ -16,8 +16,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 import torch
-from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer, GenerationConfig,
-                          LlamaConfig, LlamaForCausalLM)
+from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
+                          GenerationConfig, LlamaConfig, LlamaForCausalLM)
 
 from pipeline.config import ModelConfig, PeftConfig, SavedGenerationConfig
 from pipeline.errors import PipelineError
@@ -95,11 +95,27 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False):
     return _load(AutoModelForCausalLM, "a causal LM", name_or_path, trust_remote_code)
 
 
-def load_reward_model(name_or_path: str, trust_remote_code: bool = False):
-    """(model, tokenizer) of a reward model: a one-output score head, read at the last token that is not
-    padding. On a causal-LM checkpoint (reward training's backbone) the head is new; on a reward checkpoint
-    (scoring, PPO's reward and value models) it is the trained one."""
-    return _load(AutoModelForSequenceClassification, "a reward model", name_or_path, trust_remote_code, num_labels=1)
+def load_reward_model(name_or_path: str, trust_remote_code: bool = False, members: int | None = None):
+    """(model, tokenizer) of a reward model: a score head with one output per ensemble member, read at the last
+    token that is not padding. On a causal-LM checkpoint (reward training's backbone) the head is new, with
+    `members` outputs (default 1); on a reward checkpoint (scoring, PPO's reward and value models) it is the
+    trained one, with as many outputs as it was trained with."""
+    if members is None:
+        members = reward_members(name_or_path, trust_remote_code)
+    return _load(AutoModelForSequenceClassification, "a reward model", name_or_path, trust_remote_code,
+                 num_labels=members)
+
+
+def reward_members(name_or_path: str, trust_remote_code: bool = False) -> int:
+    """The number of score outputs of a saved sequence-classification model (its ensemble's members); 1 for any
+    other checkpoint, whose config's num_labels means nothing here."""
+    check_model_source(name_or_path)
+    try:
+        config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
+    except Exception as e:
+        raise PipelineError(f"cannot load a model config from '{name_or_path}': {e}") from None
+    scorer = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
+    return config.num_labels if scorer else 1
 
 
 def match_tokenizer(model, tokenizer) -> None:

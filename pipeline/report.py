@@ -26,8 +26,9 @@ from pipeline.checkpoint import LOG_HISTORY
 SUMMARY_METRICS = {
     "pretrain": ("initial_eval_loss", "eval_loss", "perplexity"),
     "sft": ("eval_loss", "baseline_gold_score", "gold_score", "gold_gain"),
-    "reward": ("eval_accuracy", "eval_margin", "score_std"),
-    **{stage: ("baseline_reward_mean", "reward_mean", "baseline_gold_score", "gold_score", "gold_gain", "kl")
+    "reward": ("eval_accuracy", "eval_margin", "score_std", "ensemble_size", "eval_disagreement"),
+    **{stage: ("baseline_reward_mean", "reward_mean", "baseline_gold_score", "gold_score", "gold_gain", "kl",
+               "baseline_ensemble_std", "ensemble_std", "disagreement_warning_step")
        for stage in ("ppo", "grpo", "rloo")},
     "dpo": ("implicit_reward_accuracy", "baseline_gold_score", "gold_score", "gold_gain", "kl"),
 }
@@ -106,7 +107,8 @@ def plot_training(e: Entry, out: Path) -> Path | None:
 
 
 def plot_policy(e: Entry, out: Path) -> Path | None:
-    """Reward, KL to the reference and (on the demo) the gold score over the updates of PPO, GRPO or RLOO."""
+    """Reward, KL to the reference, a reward ensemble's disagreement and (on the demo) the gold score over the
+    updates of PPO, GRPO or RLOO."""
     import matplotlib.pyplot as plt
 
     reward_key, kl_key = CURVES[e.stage]
@@ -115,7 +117,8 @@ def plot_policy(e: Entry, out: Path) -> Path | None:
     if not log:
         return None
     gold = history.get("gold", [])
-    panels = [(reward_key, "reward" + (" (normalized)" if e.stage == "ppo" else "")), (kl_key, "KL to the SFT policy")]
+    panels = [(reward_key, "reward" + (" (normalized)" if e.stage == "ppo" else "")), (kl_key, "KL to the SFT policy"),
+              ("reward/ensemble_std", "reward ensemble's disagreement")]
     panels = [(k, label) for k, label in panels if any(k in h for h in log)]
     fig, axes = plt.subplots(1, len(panels) + bool(gold), figsize=(5 * (len(panels) + bool(gold)), 3.6),
                              squeeze=False)
@@ -148,11 +151,14 @@ def flaw_table(entries: list[Entry]) -> str | None:
     if not classes:
         return None
     cols = [name for name, e, key in sources if f"{key}/{classes[0]}" in e.metrics]
-    head = ["flaw class"] + (["reward accuracy"] if reward else []) + [f"rate: {c}" for c in cols]
+    ensemble = reward is not None and any(k.startswith("eval_disagreement/") for k in reward.metrics)
+    head = (["flaw class"] + (["reward accuracy"] if reward else []) + (["reward disagreement"] if ensemble else [])
+            + [f"rate: {c}" for c in cols])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     cell = lambda v: "–" if v is None else f"{v:.3f}"
     for c in classes:
         row = [c] + ([cell(reward.metrics.get(f"eval_accuracy/{c}"))] if reward else [])
+        row += [cell(reward.metrics.get(f"eval_disagreement/{c}"))] if ensemble else []
         row += [cell(e.metrics.get(f"{key}/{c}")) for name, e, key in sources if name in cols]
         lines.append("| " + " | ".join(row) + " |")
     return "\n".join(lines)
@@ -173,7 +179,8 @@ def write_report(registry: Registry, pipeline_id: str) -> Path:
     flaws = flaw_table(entries)
     if flaws:
         lines += ["## The demo's flaw classes", "", "Reward-model accuracy on held-out pairs whose rejected response "
-                  "has the class, and the share of sampled held-out responses that show it (the demo's detectors).",
+                  "has the class (with an ensemble, its members' disagreement on them: the std of their normalised margins), and "
+                  "the share of sampled held-out responses that show it (the demo's detectors).",
                   "", flaws, ""]
     aligned = [e for e in entries if e.stage in ALIGNMENT_STAGES and e.status == "complete"]
     starts = [p for e in aligned for p in e.parents if p.startswith("sft-")]

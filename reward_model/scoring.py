@@ -7,6 +7,9 @@
     python -m reward_model.scoring --model reward:latest --prompt "..." --response "..."
     python -m reward_model.scoring --model reward:latest --pairs pairs.jsonl   # accuracy on preference pairs
 
+An ensemble (`make reward ARGS="reward.ensemble_size=4"`) scores as one: the members' mean, and with --response
+their disagreement (the std of their normalised scores).
+
 Texts are built exactly as TRL's RewardTrainer builds them in training: conversational rows through the
 chat template (the score is read at the closing eos), plain rows as prompt + response + eos.
 """
@@ -39,10 +42,15 @@ def as_text(tok, prompt, response) -> str:
 
 
 class RewardModel:
+    """A reward model, or an ensemble of members sharing one backbone (one score output each), scored as one: a
+    response's score is the members' mean, and their disagreement is the std of their scores, each member's
+    normalised by its own statistics (stats: member_mean, member_std, stored by `make reward`)."""
+
     def __init__(self, model, tok, stats: dict | None = None):
         self.model = model.eval()
         self.tok = tok
         self.stats = stats or {}
+        self.members = model.config.num_labels
 
     @classmethod
     def load(cls, ref: str, root: str | None = None, trust_remote_code: bool = False) -> "RewardModel":
@@ -53,28 +61,61 @@ class RewardModel:
         return cls(model, tok, stats)
 
     @torch.no_grad()
-    def score_texts(self, texts: list[str], batch_size: int = 32, add_special_tokens: bool = False) -> list[float]:
-        """Scores of full texts; add_special_tokens as TRL tokenizes plain (True) or templated (False) text."""
+    def member_scores_texts(self, texts: list[str], batch_size: int = 32,
+                            add_special_tokens: bool = False) -> torch.Tensor:
+        """Each member's raw score of each full text, (texts, members); add_special_tokens as TRL tokenizes plain
+        (True) or templated (False) text."""
         self.tok.padding_side = "right"
         out = []
         for i in range(0, len(texts), batch_size):
             batch = self.tok(texts[i:i + batch_size], return_tensors="pt", padding=True,
                              add_special_tokens=add_special_tokens)
             batch = {k: v.to(self.model.device) for k, v in batch.items()}
-            out += self.model(**batch).logits[:, 0].float().tolist()  # (B,)
-        return out
+            out.append(self.model(**batch).logits.float().cpu())  # (B, members)
+        return torch.cat(out) if out else torch.zeros(0, self.members)
+
+    def score_texts(self, texts: list[str], batch_size: int = 32, add_special_tokens: bool = False) -> list[float]:
+        """Scores of full texts: the members' mean (a single model's own score)."""
+        return self.member_scores_texts(texts, batch_size, add_special_tokens).mean(1).tolist()
+
+    def member_scores(self, prompts: list, responses: list, batch_size: int = 32) -> torch.Tensor:
+        """Each member's raw score of each response to its prompt, (responses, members); a prompt may be None for
+        implicit-prompt rows."""
+        plain = isinstance(responses[0], str) and not isinstance(prompts[0], list)
+        return self.member_scores_texts([as_text(self.tok, p, r) for p, r in zip(prompts, responses)], batch_size,
+                                        add_special_tokens=plain)
+
+    def normalised(self, members: torch.Tensor) -> torch.Tensor:
+        """Member scores on each member's own scale: (score - member_mean) / member_std, with the stored statistics
+        (the raw scores where there are none)."""
+        if "member_mean" not in self.stats:
+            return members
+        mean, std = torch.tensor(self.stats["member_mean"]), torch.tensor(self.stats["member_std"])
+        return (members - mean) / std.clamp(min=1e-6)
+
+    def score_with_disagreement(self, prompts: list, responses: list,
+                                batch_size: int = 32) -> tuple[list[float], list[float]]:
+        """(scores: the members' mean, disagreement: the std of the members' normalised scores; 0 for a single
+        model), per response."""
+        members = self.member_scores(prompts, responses, batch_size)
+        return members.mean(1).tolist(), self.normalised(members).std(1, unbiased=False).tolist()
 
     def score(self, prompts: list, responses: list, batch_size: int = 32) -> list[float]:
-        """Raw scores of responses to prompts (a prompt may be None for implicit-prompt rows)."""
-        plain = isinstance(responses[0], str) and not isinstance(prompts[0], list)
-        return self.score_texts([as_text(self.tok, p, r) for p, r in zip(prompts, responses)], batch_size,
-                                add_special_tokens=plain)
+        """Raw scores of responses to prompts (the members' mean); a prompt may be None for implicit-prompt rows."""
+        return self.member_scores(prompts, responses, batch_size).mean(1).tolist()
+
+    def pair_member_scores(self, pairs: list[dict], batch_size: int = 32) -> tuple[torch.Tensor, torch.Tensor]:
+        """(members' raw scores of the chosen responses, of the rejected ones), each (pairs, members); each response
+        scored once."""
+        prompts = [p.get("prompt") for p in pairs]
+        scores = self.member_scores(prompts * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs],
+                                    batch_size)
+        return scores[:len(pairs)], scores[len(pairs):]
 
     def pair_scores(self, pairs: list[dict], batch_size: int = 32) -> tuple[list[float], list[float]]:
-        """(scores of the chosen responses, scores of the rejected ones), each response scored once."""
-        prompts = [p.get("prompt") for p in pairs]
-        scores = self.score(prompts * 2, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs], batch_size)
-        return scores[:len(pairs)], scores[len(pairs):]
+        """(scores of the chosen responses, scores of the rejected ones): the members' means."""
+        chosen, rejected = self.pair_member_scores(pairs, batch_size)
+        return chosen.mean(1).tolist(), rejected.mean(1).tolist()
 
     def pair_margins(self, pairs: list[dict], batch_size: int = 32) -> list[float]:
         """score(chosen) - score(rejected), per pair."""
@@ -106,7 +147,8 @@ def main(argv: list[str] | None = None) -> int:
             if not args.plain:
                 prompt = [{"role": "user", "content": prompt}] if prompt is not None else None
                 response = [{"role": "assistant", "content": response}]
-            print(json.dumps({"score": rm.score([prompt], [response])[0]}))
+            score, spread = rm.score_with_disagreement([prompt], [response])
+            print(json.dumps({"score": score[0], **({"disagreement": spread[0]} if rm.members > 1 else {})}))
         else:
             ap.error("give --response (with --prompt) or --pairs")
     except PipelineError as e:

@@ -1,13 +1,16 @@
-"""Reward-model training: a sequence-classification head with one output on the SFT model, trained on
-preference pairs with TRL's RewardTrainer (Bradley-Terry loss).
+"""Reward-model training: a sequence-classification head on the SFT model, trained on preference pairs with TRL's
+RewardTrainer (Bradley-Terry loss); with reward.ensemble_size=K, K heads on one backbone, each trained on its own
+bootstrap share of the pairs, saved and scored as one model (the members' mean, and their disagreement).
 
     make reward                                            # the demo: sft:latest on demo preference pairs
     make reward ARGS="experiment=ci"                       # micro sizes
     make reward ARGS="data=local data.path=pairs.jsonl"    # prompt/chosen/rejected, or chosen/rejected
     make reward ARGS="data=ultrafeedback"                  # a hub preference set (needs a network)
+    make reward ARGS="reward.ensemble_size=4"              # an ensemble of 4, one entry
 
-init_from -> pairs -> RewardTrainer -> held-out accuracy and margin, score mean/std (stored with the
-checkpoint for PPO to normalize rewards), score-length correlation -> registry entry (parent: init_from).
+init_from -> pairs -> RewardTrainer -> held-out accuracy and margin, score mean/std and each member's (stored with
+the checkpoint for the online methods to normalize rewards), score-length correlation, an ensemble's member
+accuracies and disagreement -> registry entry (parent: init_from).
 """
 from __future__ import annotations
 
@@ -16,8 +19,10 @@ import statistics
 from pathlib import Path
 
 import hydra
+import torch
 from datasets import Dataset
 from omegaconf import DictConfig
+from torch import nn
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import RewardConfig, RewardTrainer
 
@@ -40,10 +45,37 @@ def inputs(cfg: RewardStageConfig, registry: Registry) -> dict:
 
 
 class PairTrainer(RewardTrainer):
-    """TRL's RewardTrainer; with trainer.group_by_length it batches pairs by their longer side.
+    """TRL's RewardTrainer; with trainer.group_by_length it batches pairs by their longer side (the Trainer's own
+    length grouping looks for an input_ids column, which preference pairs lack); with an ensemble (a score head of
+    several outputs), each member's Bradley-Terry loss on its own bootstrap share of the batch."""
 
-    (The Trainer's own length grouping looks for an input_ids column, which preference pairs lack.)
-    """
+    def __init__(self, model, *args, members: int = 1, subsample: float = 1.0, seed: int = 0, **kwargs):
+        # TRL refuses a head of several outputs; each of an ensemble's is a member's own score, and its loss is
+        # the one below, so the check is passed with the config's count, set back after
+        model.config.num_labels = 1
+        try:
+            super().__init__(model, *args, **kwargs)
+        finally:
+            model.config.num_labels = members
+        self.members, self.subsample, self.seed = members, subsample, seed
+
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        if self.members == 1 or not model.training:  # TRL's loss: the mean of the members' losses on every pair
+            return super().compute_loss(model, inputs, return_outputs, num_items_in_batch)
+        inputs["use_cache"] = False
+        outputs = model(**inputs)
+        chosen, rejected = torch.chunk(outputs.logits, chunks=2)  # (pairs, members) each
+        losses = -nn.functional.logsigmoid(chosen - rejected)
+        # which pairs each member trains on: drawn from the step, so a resumed run draws the same
+        draw = torch.Generator().manual_seed(self.seed * 1_000_003 + self.state.global_step)
+        weights = (torch.rand(losses.shape, generator=draw) < self.subsample).to(losses.device, losses.dtype)
+        loss = (losses * weights).sum() / weights.sum().clamp(min=1.0)
+        with torch.no_grad():
+            margin = (chosen - rejected).mean(1)  # the ensemble's: its mean score
+            self._metrics["train"]["accuracy"].append(self.accelerator.gather_for_metrics(
+                (margin > 0).float().mean()).mean().item())
+            self._metrics["train"]["margin"].append(self.accelerator.gather_for_metrics(margin.mean()).mean().item())
+        return (loss, outputs) if return_outputs else loss
 
     def _get_train_sampler(self, train_dataset=None):
         dataset = self.train_dataset if train_dataset is None else train_dataset
@@ -60,29 +92,47 @@ def pearson(xs: list[float], ys: list[float]) -> float:
     return statistics.correlation(xs, ys)
 
 
-def evaluate_pairs(rm: RewardModel, pairs: list[dict], classes: list[str | None] | None = None) -> dict:
-    """Accuracy and margin on held-out pairs, and the accuracy per class of rejected response where the pairs
-    name one (eval_accuracy/<class>); mean/std of scores of their responses; score-length correlation."""
-    chosen, rejected = rm.pair_scores(pairs)
+def evaluate_pairs(rm: RewardModel, pairs: list[dict], classes: list[str | None] | None = None) -> tuple[dict, dict]:
+    """(metrics, statistics) on held-out pairs. Metrics: accuracy and margin of the score (an ensemble's: its
+    members' mean), and per class of rejected response where the pairs name one (eval_accuracy/<class>); mean/std of
+    the scores of their responses; score-length correlation; for an ensemble, each member's accuracy and the
+    members' disagreement (eval_disagreement: per pair, the std over members of their normalised margins, each
+    member's scores divided by its std), overall and per class. Statistics: the score's mean and std, and each
+    member's (what the online methods normalise rewards with)."""
+    chosen_m, rejected_m = rm.pair_member_scores(pairs)  # (pairs, members)
+    members = torch.cat([chosen_m, rejected_m])
+    chosen, rejected = chosen_m.mean(1).tolist(), rejected_m.mean(1).tolist()
     scores, responses = chosen + rejected, [p["chosen"] for p in pairs] + [p["rejected"] for p in pairs]
+    stats = {"score_mean": statistics.fmean(scores), "score_std": statistics.pstdev(scores),
+             "member_mean": members.mean(0).tolist(), "member_std": members.std(0, unbiased=False).tolist()}
+    rm.stats = stats
     margins = [c - r for c, r in zip(chosen, rejected)]
     accuracy, margin = sum(m > 0 for m in margins) / len(margins), statistics.fmean(margins)
-    per_class = {}
-    for c, m in zip(classes or [], margins):
+    disagreement = (rm.normalised(chosen_m) - rm.normalised(rejected_m)).std(1, unbiased=False).tolist()
+    by_class = {}
+    for c, m, d in zip(classes or [], margins, disagreement):
         if c is not None:
-            per_class.setdefault(c, []).append(m > 0)
+            by_class.setdefault(c, []).append((m > 0, d))
     lengths = [len(r if isinstance(r, str) else r[-1]["content"]) for r in responses]
-    return {"eval_accuracy": accuracy, "eval_margin": margin, "score_mean": statistics.fmean(scores),
-            "score_std": statistics.pstdev(scores), "length_correlation": pearson(scores, lengths),
-            **{f"eval_accuracy/{c}": statistics.fmean(v) for c, v in sorted(per_class.items())},
-            **{f"eval_pairs/{c}": len(v) for c, v in sorted(per_class.items())}}
+    metrics = {"eval_accuracy": accuracy, "eval_margin": margin, "score_mean": stats["score_mean"],
+               "score_std": stats["score_std"], "length_correlation": pearson(scores, lengths),
+               **{f"eval_accuracy/{c}": statistics.fmean(r for r, _ in v) for c, v in sorted(by_class.items())},
+               **{f"eval_pairs/{c}": len(v) for c, v in sorted(by_class.items())}}
+    if rm.members > 1:
+        metrics.update(ensemble_size=rm.members, eval_disagreement=statistics.fmean(disagreement),
+                       **{f"eval_accuracy/member_{i}": (chosen_m[:, i] > rejected_m[:, i]).float().mean().item()
+                          for i in range(rm.members)},
+                       **{f"eval_disagreement/{c}": statistics.fmean(d for _, d in v)
+                          for c, v in sorted(by_class.items())})
+    return metrics, stats
 
 
 def reward(run: StageRun) -> dict:
     cfg: RewardStageConfig = run.cfg
 
     # --- model
-    model, tok = load_reward_model(run.inputs["init_from"].path, cfg.trust_remote_code)  # a new score head
+    members = cfg.reward.ensemble_size
+    model, tok = load_reward_model(run.inputs["init_from"].path, cfg.trust_remote_code, members)  # a new score head
 
     # --- data
     train_pairs, eval_pairs = load_preference_data(cfg.data, cfg.seed, run.cache_dir)
@@ -97,7 +147,8 @@ def reward(run: StageRun) -> dict:
     # --- trainer
     args = trainer_arguments(run, RewardConfig, max_length=cfg.data.max_length, disable_dropout=True,
                              dataset_num_proc=None)
-    trainer = PairTrainer(model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
+    trainer = PairTrainer(members=members, subsample=cfg.reward.ensemble_subsample, seed=cfg.seed,
+                          model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
                           eval_dataset=Dataset.from_list(eval_pairs), processing_class=tok,
                           peft_config=lora_config(cfg.peft, "SEQ_CLS"), callbacks=standard_callbacks(run))
     dropped = len(train_pairs) - len(trainer.train_dataset)  # TRL leaves out pairs longer than max_length
@@ -117,16 +168,22 @@ def reward(run: StageRun) -> dict:
                "train_runtime_s": result.metrics["train_runtime"], "global_step": result.global_step}
     run.record(**metrics)  # kept should the evaluation below fail
     if run.is_main:
-        metrics.update(evaluate_pairs(RewardModel(unwrapped(trainer.model, run), tok), eval_pairs, eval_classes),
-                       initial_eval_accuracy=run.entry.metrics["initial_eval_accuracy"])
-        stats = {k: metrics[k] for k in ("score_mean", "score_std")}
+        held_out, stats = evaluate_pairs(RewardModel(unwrapped(trainer.model, run), tok), eval_pairs, eval_classes)
+        metrics.update(held_out, initial_eval_accuracy=run.entry.metrics["initial_eval_accuracy"])
         (Path(run.entry.path) / STATS_FILE).write_text(json.dumps(stats, indent=2))
         run.log(f"held-out accuracy {metrics['initial_eval_accuracy']:.3f} -> {metrics['eval_accuracy']:.3f}, "
                 f"margin {metrics['eval_margin']:.3f}, score {metrics['score_mean']:.3f} ± {metrics['score_std']:.3f}")
-        per_class = {k.split("/", 1)[1]: v for k, v in metrics.items() if k.startswith("eval_accuracy/")}
+        if members > 1:
+            run.log(f"ensemble of {members}: member accuracies " + ", ".join(
+                f"{metrics[f'eval_accuracy/member_{i}']:.3f}" for i in range(members))
+                + f"; disagreement {metrics['eval_disagreement']:.3f} (std of the members' normalised margins)")
+        per_class = {k.split("/", 1)[1]: v for k, v in metrics.items()
+                     if k.startswith("eval_accuracy/") and not k.startswith("eval_accuracy/member_")}
         if per_class:
-            run.log("held-out accuracy by flaw class of the rejected response: "
-                    + ", ".join(f"{c} {v:.3f} ({metrics[f'eval_pairs/{c}']})" for c, v in per_class.items()))
+            run.log("held-out accuracy by flaw class of the rejected response: " + ", ".join(
+                f"{c} {v:.3f} ({metrics[f'eval_pairs/{c}']}"
+                + (f", disagreement {metrics[f'eval_disagreement/{c}']:.3f})" if members > 1 else ")")
+                for c, v in per_class.items()))
         if abs(metrics["length_correlation"]) > cfg.length_correlation_warning:
             run.warn(f"the score correlates with response length (r = {metrics['length_correlation']:.2f}): "
                     f"the reward model may just like {'long' if metrics['length_correlation'] > 0 else 'short'} "

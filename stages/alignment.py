@@ -13,6 +13,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from torch import nn
 from transformers import TrainerCallback
 
@@ -25,41 +26,99 @@ from pipeline.models import load_reward_model
 from reward_model.scoring import STATS_FILE, RewardModel
 
 
-class Standardize(nn.Module):
-    """The reward head followed by (score - mean) / std, so the policy sees rewards of unit scale."""
+class EnsembleReward(nn.Module):
+    """The reward head as the online trainers read it: each member's score normalised, (score - mean) / std with
+    the reward model's stored statistics, so that the policy sees rewards of unit scale, and the members combined
+    into the one reward the policy is trained on: their mean (none), the mean less coef times their std
+    (mean_minus_std), or the lowest (min). A single reward model is an ensemble of one.
 
-    def __init__(self, head: nn.Module, mean: float, std: float):
+    The members' std at each scored sequence's end (its last attended token, where the trainers read the reward)
+    is kept in `disagreement`, for the Disagreement callback to log; a hook on the backbone hands over the
+    attention mask of the call."""
+
+    def __init__(self, head: nn.Module, mean: list[float], std: list[float], combine: str = "none",
+                 coef: float = 1.0):
         super().__init__()
-        self.head, self.mean, self.std = head, mean, std
+        self.head, self.combine, self.coef = head, combine, coef
+        self.register_buffer("mean", torch.tensor(mean), persistent=False)
+        self.register_buffer("std", torch.tensor(std).clamp(min=1e-6), persistent=False)
+        self.mask, self.disagreement = None, []
 
     def forward(self, hidden):
-        return (self.head(hidden) - self.mean) / self.std
+        z = (self.head(hidden) - self.mean) / self.std  # (..., members)
+        if z.shape[-1] == 1:
+            return z
+        spread = z.std(-1, unbiased=False)
+        if self.mask is not None and self.mask.shape == spread.shape:  # (batch, tokens): one value per sequence
+            last = self.mask.shape[1] - 1 - self.mask.flip(1).long().argmax(1)
+            self.disagreement += spread.detach()[torch.arange(len(last)), last].float().tolist()
+        if self.combine == "min":
+            return z.min(-1, keepdim=True).values
+        mean = z.mean(-1, keepdim=True)
+        return mean - self.coef * spread.unsqueeze(-1) if self.combine == "mean_minus_std" else mean
 
 
-def reward_statistics(path: str, normalize: bool) -> dict:
-    """The reward model's stored score mean and std (written by `make reward`); mean 0, std 1 without
-    normalisation."""
+def reward_statistics(path: str, normalize: bool, members: int = 1) -> dict:
+    """The reward model's stored score statistics (written by `make reward`): member_mean and member_std per
+    member (score_mean/score_std of an entry written before ensembles); 0 and 1 without normalisation."""
     stats_file = Path(path) / STATS_FILE
     if normalize and not stats_file.exists():
         raise PipelineError(f"{path} has no {STATS_FILE} (score_mean/score_std) to normalise rewards with; train "
                             f"it with `make reward`, or turn reward normalisation off (normalize_rewards=false)")
-    return json.loads(stats_file.read_text()) if normalize else {"score_mean": 0.0, "score_std": 1.0}
+    if not normalize:
+        return {"score_mean": 0.0, "score_std": 1.0, "member_mean": [0.0] * members, "member_std": [1.0] * members}
+    stats = json.loads(stats_file.read_text())
+    stats.setdefault("member_mean", [stats["score_mean"]])
+    stats.setdefault("member_std", [stats["score_std"]])
+    return stats
 
 
-def load_scorer(path: str, trust_remote_code: bool, stats: dict):
-    """The reward model as the online trainers call it: its head standardised by stats."""
+def load_scorer(path: str, trust_remote_code: bool, stats: dict, combine: str = "none", coef: float = 1.0):
+    """The reward model as the online trainers call it: its head replaced by EnsembleReward (normalised members,
+    combined into one reward)."""
     scorer, tok = load_reward_model(path, trust_remote_code)
-    if (stats["score_mean"], stats["score_std"]) != (0.0, 1.0):
-        scorer.score = Standardize(scorer.score, stats["score_mean"], max(stats["score_std"], 1e-6))
+    head = EnsembleReward(scorer.score, stats["member_mean"], stats["member_std"], combine, coef)
+    backbone = getattr(scorer, scorer.base_model_prefix)
+    backbone.register_forward_pre_hook(lambda module, args, kwargs: setattr(head, "mask", kwargs.get(
+        "attention_mask")), with_kwargs=True)
+    scorer.score = head
     return scorer, tok
 
 
-class KLBudget(TrainerCallback):
-    """Stop when the policy drifts past the KL budget. TRL's PPO loop has no stop flag, so this raises; the
-    stage catches it and keeps the policy of that step."""
+def value_model(path: str, trust_remote_code: bool):
+    """PPO's value model, started as the reward model: a one-output head, an ensemble's the mean of its members'."""
+    value, _ = load_reward_model(path, trust_remote_code)
+    head = value.score
+    if head.out_features > 1:
+        mean = nn.Linear(head.in_features, 1, bias=head.bias is not None)
+        with torch.no_grad():
+            mean.weight.copy_(head.weight.mean(0, keepdim=True))
+            if head.bias is not None:
+                mean.bias.copy_(head.bias.mean(0, keepdim=True))
+        value.score, value.config.num_labels = mean, 1
+    return value
 
-    class Exceeded(Exception):
-        pass
+
+def ensemble_note(members: int, settings) -> str:
+    """What the log says of the reward the policy is trained on, for an ensemble; nothing for a single model."""
+    if members == 1:
+        if settings.reward_uncertainty != "none":
+            return f"; reward_uncertainty={settings.reward_uncertainty} has no effect on a single reward model"
+        return ""
+    combined = {"none": "their mean", "min": "the lowest member's score",
+                "mean_minus_std": f"their mean - {settings.reward_uncertainty_coef} x their std"}
+    return f"; an ensemble of {members}, the reward {combined[settings.reward_uncertainty]}"
+
+
+class BudgetExceeded(Exception):
+    """A guard stopped the run (TRL's PPO loop has no stop flag, so the guards raise); the stage catches it and
+    keeps the policy of that step."""
+
+
+class KLBudget(TrainerCallback):
+    """Stop when the policy drifts past the KL budget."""
+
+    Exceeded = BudgetExceeded
 
     def __init__(self, budget: float | None, key: str):
         self.budget, self.key = budget, key  # key: the logged KL (objective/kl for PPO, kl for GRPO/RLOO)
@@ -69,13 +128,76 @@ class KLBudget(TrainerCallback):
         kl = (logs or {}).get(self.key)
         if self.budget is not None and kl is not None and kl > self.budget:
             self.fired_at = {"step": state.global_step, "kl": kl}
-            raise KLBudget.Exceeded()
+            raise BudgetExceeded()
 
     def record(self, run, metrics: dict) -> None:
         if self.fired_at:
             run.log(f"KL budget exceeded at step {self.fired_at['step']} (KL {self.fired_at['kl']:.2f} > "
                     f"{self.budget}): stopped early, keeping the policy of that step")
             metrics.update(kl_budget_stop_step=self.fired_at["step"], kl_budget_stop_kl=self.fired_at["kl"])
+
+
+class Disagreement(TrainerCallback):
+    """The reward ensemble's disagreement on the policy's own rollouts: per update, the mean std of the members'
+    normalised scores over the responses it scored; each log carries the mean since the last one
+    (reward/ensemble_std, in the log history). Measured against its value at the first update, the start's
+    rollouts: past `budget` times that, a warning (and with `stop`, the end of training), recorded in the entry. It
+    needs no gold judge."""
+
+    KEY = "reward/ensemble_std"
+
+    def __init__(self, head: EnsembleReward, budget: float | None, stop: bool, warn):
+        self.head, self.budget, self.stop, self.warn = head, budget, stop, warn
+        self.history: list[dict] = []  # {"step", "ensemble_std"} per update
+        self.logged = 0  # updates already reported in a log
+        self.fired_at = None
+
+    def _close_update(self, step: int) -> None:
+        """The scores taken since the last call, as the update's figure (PPO logs before its step ends, GRPO
+        after: whichever comes first closes the update), and the budget checked against it."""
+        if not self.head.disagreement:
+            return
+        std = sum(self.head.disagreement) / len(self.head.disagreement)
+        self.head.disagreement.clear()
+        self.history.append({"step": step, "ensemble_std": std})
+        start = self.history[0]["ensemble_std"]
+        if self.budget is None or self.fired_at is not None or len(self.history) < 2 or std <= self.budget * start:
+            return
+        self.fired_at = {"step": step, "ensemble_std": std, "start": start}
+        self.warn(f"the reward ensemble's disagreement on the policy's responses rose to {std:.3f} at update {step}, "
+                  f"{std / max(start, 1e-9):.1f}x its {start:.3f} on the start's (disagreement_budget "
+                  f"{self.budget}x): the policy reaches responses its reward models do not agree on, where the "
+                  f"reward is not to be trusted" + ("; stopping" if self.stop else
+                                                    "; disagreement_stop=true would stop the run here"))
+        if self.stop:
+            raise BudgetExceeded()
+
+    def on_step_end(self, args, state, control, **kwargs):
+        self._close_update(state.global_step)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        self._close_update(state.global_step)
+        new = self.history[self.logged:]
+        if not new:
+            return
+        self.logged = len(self.history)
+        std = sum(h["ensemble_std"] for h in new) / len(new)
+        if logs is not None:
+            logs[self.KEY] = std
+        if state.log_history:  # the Trainer appends a copy of the logs before the callbacks see them
+            state.log_history[-1][self.KEY] = std
+
+    def record(self, run, metrics: dict) -> None:
+        if not self.history:
+            return
+        metrics.update(ensemble_std_start=self.history[0]["ensemble_std"],
+                       ensemble_std_final=self.history[-1]["ensemble_std"])
+        if self.fired_at:
+            metrics["disagreement_warning_step"] = self.fired_at["step"]
+            if self.stop:
+                metrics["disagreement_stop_step"] = self.fired_at["step"]
+                run.log(f"disagreement budget exceeded at update {self.fired_at['step']}: stopped early, keeping "
+                        f"the policy of that update")
 
 
 class GoldTracker(TrainerCallback):
@@ -110,7 +232,9 @@ def evaluate_policy(model, ref, tok, rm: RewardModel | None, rows: list[dict], g
     prompts = [r["prompt"] for r in rows]
     pairs = sample_responses(model, tok, prompts, gen, desc)
     texts = [tok.decode(r, skip_special_tokens=True).strip() for _, r in pairs]
-    scores = rm.score(prompts, [[{"role": "assistant", "content": t}] for t in texts]) if rm else [None] * len(texts)
+    scores, spread = [None] * len(texts), None
+    if rm:
+        scores, spread = rm.score_with_disagreement(prompts, [[{"role": "assistant", "content": t}] for t in texts])
     verdicts = [judge(p[-1]["content"], t) if judged else {"gold": None, "flaws": []} for p, t in zip(prompts, texts)]
     temperature = gen.temperature or 1.0  # greedy responses: the KL of the untempered distributions
     lp = response_logprobs(model, pairs, temperature, tok.pad_token_id)
@@ -121,6 +245,8 @@ def evaluate_policy(model, ref, tok, rm: RewardModel | None, rows: list[dict], g
                "eos_rate": mean([bool(r) and r[-1] == tok.eos_token_id for _, r in pairs])}
     if rm:
         metrics["reward_mean"] = mean(scores)
+    if rm and rm.members > 1:
+        metrics["ensemble_std"] = mean(spread)  # the members' disagreement on these responses
     samples = [{"task": row.get("task"), "prompt": p[-1]["content"], "response": t, "reward": s, **v}
                for row, p, t, s, v in zip(rows, prompts, texts, scores, verdicts)]
     if judged:
@@ -152,6 +278,9 @@ def evaluate_against_start(run, model, start, tok, rm: RewardModel | None, rows:
     write_samples(run, before, base_samples, samples)
     reward = (f"reward {metrics['baseline_reward_mean']:.3f} -> {metrics['reward_mean']:.3f}; "
               if rm else "")
+    if "ensemble_std" in metrics:
+        reward += (f"reward ensemble's disagreement {metrics['baseline_ensemble_std']:.3f} -> "
+                   f"{metrics['ensemble_std']:.3f}; ")
     gold = (f"gold {metrics['baseline_gold_score']:.3f} -> {metrics['gold_score']:.3f} (gain "
             f"{with_interval(metrics, 'gold_gain')}, 95%, {len(rows)} held-out prompts); " if judged else "")
     run.log(f"{before} -> {run.stage}: {reward}{gold}KL {metrics['kl']:.3f}; length "

@@ -34,7 +34,8 @@ from pipeline.rewards import ORACLES, resolve_reward_function
 from pipeline.run import StageRun, run_stage
 from pipeline.trainer import trainer_arguments
 from reward_model.scoring import RewardModel
-from stages.alignment import GoldTracker, KLBudget, evaluate_against_start, load_scorer, reward_statistics
+from stages.alignment import (BudgetExceeded, Disagreement, GoldTracker, KLBudget, ensemble_note,
+                              evaluate_against_start, load_scorer, reward_statistics)
 
 register_schemas()
 
@@ -71,17 +72,19 @@ def grpo(run: StageRun) -> dict:
     policy, tok = load_causal_lm(start.path, trust)
     reference, _ = load_causal_lm(start.path, trust)  # the start, for the evaluation against it
 
-    funcs, processing, rm = [], [], None
+    funcs, processing, rm, head = [], [], None, None
     if "reward_model" in run.inputs:
         reward_ref = run.inputs["reward_model"]
         rm = RewardModel(*load_reward_model(reward_ref.path, trust))
         check_reward_handoff(tok, rm.tok, cfg.init_from, cfg.reward_model)
-        stats = reward_statistics(reward_ref.path, g.normalize_rewards)
-        scorer, scorer_tok = load_scorer(reward_ref.path, trust, stats)
+        stats = reward_statistics(reward_ref.path, g.normalize_rewards, rm.members)
+        rm.stats = stats  # the evaluation's disagreement on the scale the policy was trained on
+        scorer, scorer_tok = load_scorer(reward_ref.path, trust, stats, g.reward_uncertainty, g.reward_uncertainty_coef)
         funcs.append(scorer)
         processing.append(scorer_tok)
+        head = scorer.score
         run.log(f"reward model {reward_ref.entry.id if reward_ref.entry else reward_ref.path}: statistics mean "
-                f"{stats['score_mean']:.3f} std {stats['score_std']:.3f}")
+                f"{stats['score_mean']:.3f} std {stats['score_std']:.3f}" + ensemble_note(rm.members, g))
     for name in cfg.reward_functions:
         funcs.append(resolve_reward_function(name))
         processing.append(None)
@@ -103,28 +106,33 @@ def grpo(run: StageRun) -> dict:
     tracker = GoldTracker(policy, tok, eval_rows[:g.gold_prompts] if judged else [], g.gold_every, cfg.eval,
                           "reward", "kl")
     budget = KLBudget(g.kl_budget, "kl")
+    guards = [budget]
+    if head is not None:
+        guards.append(Disagreement(head, g.disagreement_budget, g.disagreement_stop, run.warn))
     trainer = trainer_cls(model=policy, reward_funcs=funcs, args=args, train_dataset=Dataset.from_list(train_rows),
                           processing_class=tok, reward_processing_classes=processing,
                           peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
-                          callbacks=[*standard_callbacks(run, timer_skip=1), tracker, budget])
+                          callbacks=[*standard_callbacks(run, timer_skip=1), tracker, *guards])
 
     # --- train and save
     try:
         trainer.train(resume_from_checkpoint=run.resume_from)
-    except KLBudget.Exceeded:
+    except BudgetExceeded:
         pass  # recorded below
     save_hf_directory(trainer, tok, run)
 
     # --- evaluate against the start
     metrics = {"global_step": trainer.state.global_step, "oracle": oracle}
-    budget.record(run, metrics)
+    for guard in guards:
+        guard.record(run, metrics)
     run.record(**metrics)  # kept should the evaluation below fail
     if run.is_main:
         tuned = unwrapped(trainer.model, run)
         metrics.update(evaluate_against_start(run, tuned, reference, tok, rm, eval_rows, cfg.eval))
         history = [h for h in trainer.state.log_history if "reward" in h]
         (Path(run.entry.path) / f"{run.stage}_history.json").write_text(json.dumps(
-            {"log": history, "gold": tracker.history}, indent=1))
+            {"log": history, "gold": tracker.history,
+             "disagreement": guards[-1].history if head is not None else []}, indent=1))
     return metrics
 
 

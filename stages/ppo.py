@@ -33,7 +33,8 @@ from pipeline.registry import Registry
 from pipeline.run import StageRun, run_stage
 from pipeline.trainer import trainer_arguments
 from reward_model.scoring import RewardModel
-from stages.alignment import GoldTracker, KLBudget, evaluate_against_start, load_scorer, reward_statistics
+from stages.alignment import (BudgetExceeded, Disagreement, GoldTracker, KLBudget, ensemble_note,
+                              evaluate_against_start, load_scorer, reward_statistics, value_model)
 
 register_schemas()
 
@@ -70,9 +71,11 @@ def ppo(run: StageRun) -> dict:
     rm = RewardModel(*load_reward_model(reward_ref.path, trust))
     check_reward_handoff(tok, rm.tok, cfg.init_from, cfg.reward_model)
 
-    stats = reward_statistics(reward_ref.path, cfg.ppo.normalize_rewards)
-    scorer, _ = load_scorer(reward_ref.path, trust, stats)
-    value, _ = load_reward_model(reward_ref.path, trust)  # the value model starts as the reward model
+    p = cfg.ppo
+    stats = reward_statistics(reward_ref.path, p.normalize_rewards, rm.members)
+    rm.stats = stats  # the evaluation's disagreement on the scale the policy was trained on
+    scorer, _ = load_scorer(reward_ref.path, trust, stats, p.reward_uncertainty, p.reward_uncertainty_coef)
+    value = value_model(reward_ref.path, trust)  # the value model starts as the reward model
 
     # --- data
     train_rows, eval_rows = load_prompt_data(cfg.data, cfg.seed, run.cache_dir, cfg.eval.num_prompts)
@@ -84,16 +87,16 @@ def ppo(run: StageRun) -> dict:
                            add_special_tokens=False)["input_ids"]} for r in rows])
     train_ds, eval_ds = encode(train_rows), encode(eval_rows[:max(cfg.trainer.per_device_eval_batch_size, 1)])
     run.log(f"{len(train_rows)} training prompts, {len(eval_rows)} held-out prompts; reward statistics "
-            f"mean {stats['score_mean']:.3f} std {stats['score_std']:.3f}")
+            f"mean {stats['score_mean']:.3f} std {stats['score_std']:.3f}" + ensemble_note(rm.members, p))
 
     # --- trainer
     args = ppo_arguments(run)
-    p = cfg.ppo
     tracker = GoldTracker(policy, tok, eval_rows[:p.gold_prompts] if cfg.data.kind == "demo" else [], p.gold_every,
                           cfg.eval, "objective/scores", "objective/kl")
     budget = KLBudget(p.kl_budget, "objective/kl")
+    disagreement = Disagreement(scorer.score, p.disagreement_budget, p.disagreement_stop, run.warn)
     # an update is long: the first one's warm-up is all the step timer leaves out
-    callbacks = [*standard_callbacks(run, timer_skip=1), tracker, budget]
+    callbacks = [*standard_callbacks(run, timer_skip=1), tracker, budget, disagreement]
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=reference, reward_model=scorer,
                          value_model=value, train_dataset=train_ds, eval_dataset=eval_ds,
                          peft_config=lora_config(cfg.peft, "CAUSAL_LM"), callbacks=callbacks)
@@ -101,20 +104,21 @@ def ppo(run: StageRun) -> dict:
     # --- train and save
     try:
         trainer.train()
-    except KLBudget.Exceeded:
+    except BudgetExceeded:
         pass  # recorded below
     save_hf_directory(trainer, tok, run)
 
     # --- evaluate against the start
     metrics = {"ppo_steps": trainer.state.global_step, "episodes": trainer.state.episode}
     budget.record(run, metrics)
+    disagreement.record(run, metrics)
     run.record(**metrics)  # kept should the evaluation below fail
     if run.is_main:
         tuned = unwrapped(trainer.model.policy if hasattr(trainer.model, "policy") else trainer.policy_model, run)
         metrics.update(evaluate_against_start(run, tuned, reference, tok, rm, eval_rows, cfg.eval))
         history = [h for h in trainer.state.log_history if "objective/scores" in h]
         (Path(run.entry.path) / "ppo_history.json").write_text(json.dumps(
-            {"log": history, "gold": tracker.history}, indent=1))
+            {"log": history, "gold": tracker.history, "disagreement": disagreement.history}, indent=1))
     return metrics
 
 

@@ -1,0 +1,195 @@
+"""Reward-model ensembles: K score heads on one backbone trained into one entry, scored as one (mean and
+disagreement); the conservative rewards the online methods train on; the disagreement guard; and the
+over-optimisation bench (bench/overopt.py) end to end at micro sizes."""
+import json
+import math
+import subprocess
+from pathlib import Path
+from types import SimpleNamespace
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForSequenceClassification
+from trl.experimental.utils import get_reward
+
+from bench.overopt import gao_fit, gold_drop_update
+from pipeline import demo
+from pipeline.errors import PipelineError
+from pipeline.registry import Registry
+from pipeline.tokenizer import train_bpe
+from reward_model.scoring import RewardModel
+from stages.alignment import BudgetExceeded, Disagreement, EnsembleReward, load_scorer, value_model
+from tests.conftest import compose, copy_registry, env_for, ROOT
+
+
+def fixed_head(*rows):
+    """A linear score head whose member k scores a hidden vector of ones as rows[k]."""
+    head = torch.nn.Linear(1, len(rows), bias=False)
+    with torch.no_grad():
+        head.weight.copy_(torch.tensor(rows).unsqueeze(1))
+    return head
+
+
+@pytest.mark.parametrize("combine,expected", [
+    ("none", (0.0 + 2.0 + 4.0) / 3),
+    ("mean_minus_std", 2.0 - 0.5 * math.sqrt(8 / 3)),
+    ("min", 0.0),
+])
+def test_members_are_normalised_then_combined(combine, expected):
+    # raw scores 1, 3, 9; normalised by each member's mean and std: (1-1)/1, (3-1)/1, (9-1)/2 = 0, 2, 4
+    head = EnsembleReward(fixed_head(1.0, 3.0, 9.0), mean=[1.0, 1.0, 1.0], std=[1.0, 1.0, 2.0], combine=combine,
+                          coef=0.5)
+    out = head(torch.ones(1, 2, 1))  # (batch, tokens, hidden)
+    assert out.shape == (1, 2, 1)
+    assert out[0, 0, 0].item() == pytest.approx(expected, rel=1e-5)
+
+
+def test_a_single_model_is_standardised_as_before():
+    head = EnsembleReward(fixed_head(4.0), mean=[2.0], std=[4.0])
+    assert head(torch.ones(1, 3, 1))[0, 0, 0].item() == pytest.approx((4.0 - 2.0) / 4.0)
+    assert head.disagreement == []  # nothing to disagree about
+
+
+@pytest.fixture(scope="module")
+def tok():
+    return train_bpe(demo.generate_corpus(300, 0), 400, 128)
+
+
+def saved_ensemble(tok, path, members=3):
+    torch.manual_seed(0)
+    cfg = LlamaConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
+                      num_key_value_heads=2, intermediate_size=64, num_labels=members, pad_token_id=tok.pad_token_id)
+    model = LlamaForSequenceClassification(cfg)
+    model.save_pretrained(path)
+    tok.save_pretrained(path)
+    return model.eval()
+
+
+def test_disagreement_is_read_where_the_reward_is_read(tok, tmp_path):
+    """TRL's PPO reads the reward at each response's last token before padding; the members' std is kept at the
+    same token, and the combined reward there is the members' normalised mean."""
+    model = saved_ensemble(tok, tmp_path)
+    stats = {"member_mean": [0.0, 0.0, 0.0], "member_std": [1.0, 1.0, 1.0]}
+    scorer, _ = load_scorer(str(tmp_path), False, stats)
+    query = torch.tensor([tok("Is it good?")["input_ids"]] * 2)
+    responses = [tok("Yes.")["input_ids"] + [tok.eos_token_id], tok("No, it is not.")["input_ids"] + [tok.eos_token_id]]
+    width = max(map(len, responses)) + 3
+    padded = torch.tensor([r + [tok.pad_token_id] * (width - len(r)) for r in responses])
+    _, reward, ends = get_reward(scorer, torch.cat([query, padded], 1), tok.pad_token_id, query.shape[1])
+    with torch.no_grad():
+        members = torch.stack([model(input_ids=torch.cat([query[:1], torch.tensor([r])], 1)).logits[0]
+                               for r in responses])  # (2, members), each read at its own eos
+    assert reward.tolist() == pytest.approx(members.mean(1).tolist(), abs=1e-5)
+    assert scorer.score.disagreement == pytest.approx(members.std(1, unbiased=False).tolist(), abs=1e-5)
+
+
+def test_the_value_model_starts_as_the_members_mean(tok, tmp_path):
+    model = saved_ensemble(tok, tmp_path)
+    value = value_model(str(tmp_path), False)
+    ids = torch.tensor([tok("Once upon a time")["input_ids"]])
+    with torch.no_grad():
+        assert value(input_ids=ids).logits.shape == (1, 1)
+        assert value(input_ids=ids).logits[0, 0].item() == pytest.approx(model(input_ids=ids).logits[0].mean().item(),
+                                                                         abs=1e-5)
+
+
+def test_the_scoring_api_gives_the_mean_and_the_disagreement(tok, tmp_path):
+    model = saved_ensemble(tok, tmp_path)
+    rm = RewardModel(model, tok, {"member_mean": [0.0, 1.0, 2.0], "member_std": [1.0, 2.0, 4.0]})
+    scores, spread = rm.score_with_disagreement(["Tell me a story."], ["Once upon a time."])
+    members = rm.member_scores(["Tell me a story."], ["Once upon a time."])[0]
+    assert scores[0] == pytest.approx(members.mean().item(), abs=1e-6)
+    z = (members - torch.tensor([0.0, 1.0, 2.0])) / torch.tensor([1.0, 2.0, 4.0])
+    assert spread[0] == pytest.approx(z.std(unbiased=False).item(), abs=1e-6)
+
+
+def logged(cb, step, stds):
+    cb.head.disagreement.extend(stds)
+    state = SimpleNamespace(global_step=step, log_history=[{"step": step}])
+    cb.on_log(None, state, None, logs={})
+    return state.log_history[-1]
+
+
+def test_the_disagreement_guard_warns_past_its_budget_and_stops_when_asked():
+    warnings = []
+    cb = Disagreement(SimpleNamespace(disagreement=[]), budget=2.0, stop=False, warn=warnings.append)
+    assert logged(cb, 1, [0.1, 0.3])[Disagreement.KEY] == pytest.approx(0.2)  # the start's: the reference
+    logged(cb, 2, [0.35])
+    assert not warnings and cb.fired_at is None  # 1.75x: within the budget
+    logged(cb, 3, [0.5])
+    assert cb.fired_at["step"] == 3 and len(warnings) == 1 and "2.5x" in warnings[0]
+    logged(cb, 4, [0.9])
+    assert len(warnings) == 1  # once
+    metrics = {}
+    cb.record(SimpleNamespace(log=print), metrics)
+    assert metrics["disagreement_warning_step"] == 3 and "disagreement_stop_step" not in metrics
+    assert metrics["ensemble_std_start"] == pytest.approx(0.2) and metrics["ensemble_std_final"] == pytest.approx(0.9)
+
+    stopping = Disagreement(SimpleNamespace(disagreement=[]), budget=2.0, stop=True, warn=warnings.append)
+    logged(stopping, 1, [0.2])
+    with pytest.raises(BudgetExceeded):
+        logged(stopping, 2, [0.5])
+
+
+@pytest.mark.parametrize("overrides,match", [
+    (["ppo.reward_uncertainty=pessimistic"], "reward_uncertainty must be one of none, mean_minus_std, min"),
+    (["ppo.disagreement_budget=0"], "disagreement_budget must be positive"),
+])
+def test_bad_guard_settings_are_named(overrides, match):
+    with pytest.raises(PipelineError, match=match):
+        compose("ppo", ["experiment=ci", *overrides])
+
+
+def test_bad_ensemble_size_is_named():
+    with pytest.raises(PipelineError, match="reward.ensemble_size must be at least 1"):
+        compose("reward", ["experiment=ci", "reward.ensemble_size=0"])
+
+
+def test_gao_fit_recovers_its_parameters_and_the_drop_is_found():
+    alpha, beta = 0.3, 0.2
+    points = [{"update": 0, "gold": 0.5, "sqrt_kl": 0.0}] + [
+        {"update": 4 * i, "gold": 0.5 + d * (alpha - beta * math.log(d)), "sqrt_kl": d}
+        for i, d in enumerate([0.5, 1.0, 2.0, 3.0, 4.0, 5.0], 1)]
+    fit = gao_fit(points)
+    assert fit["alpha"] == pytest.approx(alpha, abs=1e-6) and fit["beta"] == pytest.approx(beta, abs=1e-6)
+    assert fit["peak_sqrt_kl"] == pytest.approx(math.exp(alpha / beta - 1), rel=1e-6)
+    # of the points, gold peaks at d = 2 (update 12: 0.823) and is 0.03 below that first at d = 3 (update 16: 0.741)
+    assert gold_drop_update(points) == 16
+    assert gold_drop_update([{"update": 0, "gold": 0.5}, {"update": 4, "gold": 0.6}]) is None
+
+
+@pytest.mark.slow
+def test_overopt_trains_an_ensemble_and_runs_guarded_and_unguarded(ci_fine_tuned, tmp_path):
+    """make overopt at micro sizes: the ensemble entry records its members; both PPO runs log the members'
+    disagreement on their rollouts; the guarded one trains on the conservative reward; overopt.json has the
+    figures the bench promises for the seed."""
+    home = copy_registry(ci_fine_tuned, tmp_path)
+    r = subprocess.run(["make", "--no-print-directory", "overopt",
+                        "ARGS=--scale ci --methods ppo --seeds 0 --budget 0.5 --every 4 --prompts 8 --members 3"],
+                       cwd=ROOT, env=env_for(home), capture_output=True, text=True, timeout=900)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    registry = Registry(str(home))
+    reward = registry.resolve("reward:latest").entry
+    m = reward.metrics
+    assert m["ensemble_size"] == 3 and {f"eval_accuracy/member_{i}" for i in range(3)} <= set(m)
+    assert m["eval_disagreement"] > 0  # the members differ
+    assert any(k.startswith("eval_disagreement/") for k in m)  # per flaw class, on the demo
+    stats = json.loads((Path(reward.path) / "reward_stats.json").read_text())
+    assert len(stats["member_mean"]) == 3 and len(stats["member_std"]) == 3
+
+    out = json.loads((home / "overopt.json").read_text())
+    seed = out["seeds"][0]
+    for key in ("gold_peak", "gold_peak_update", "gold_final", "swap_start", "swap_final",
+                "proxy_final_minus_at_peak", "warning_update", "gold_drop_update"):
+        assert key in seed["unguarded"], key
+    assert {"gold", "ci_low", "ci_high"} <= set(seed["guarded_minus_unguarded"])
+    assert {"alpha", "beta"} <= set(seed["gao_fit"])
+    assert (home / "overopt.png").stat().st_size > 0
+    runs = {mode: registry.get(seed[mode]["entry"]) for mode in ("unguarded", "guarded")}
+    assert runs["unguarded"].config["ppo"]["reward_uncertainty"] == "none"
+    assert runs["guarded"].config["ppo"]["reward_uncertainty"] == "mean_minus_std"
+    for e in runs.values():
+        assert reward.id in e.parents
+        assert e.metrics["ensemble_std_start"] > 0 and "ensemble_std" in e.metrics
+        history = json.loads((Path(e.path) / "ppo_history.json").read_text())
+        assert all(Disagreement.KEY in h for h in history["log"]) and len(history["disagreement"]) == 8

@@ -157,8 +157,12 @@ class Disagreement(TrainerCallback):
         after: whichever comes first closes the update), and the budget checked against it."""
         if not self.head.disagreement:
             return
-        std = sum(self.head.disagreement) / len(self.head.disagreement)
+        total = torch.tensor([sum(self.head.disagreement), len(self.head.disagreement)], dtype=torch.float64,
+                             device=self.head.mean.device)
         self.head.disagreement.clear()
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            torch.distributed.all_reduce(total)  # every process's rollouts: one figure, one decision to stop
+        std = (total[0] / total[1]).item()
         self.history.append({"step": step, "ensemble_std": std})
         start = self.history[0]["ensemble_std"]
         if self.budget is None or self.fired_at is not None or len(self.history) < 2 or std <= self.budget * start:

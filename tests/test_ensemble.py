@@ -112,7 +112,8 @@ def logged(cb, step, stds):
 
 def test_the_disagreement_guard_warns_past_its_budget_and_stops_when_asked():
     warnings = []
-    cb = Disagreement(SimpleNamespace(disagreement=[]), budget=2.0, stop=False, warn=warnings.append)
+    head = lambda: SimpleNamespace(disagreement=[], mean=torch.zeros(1))
+    cb = Disagreement(head(), budget=2.0, stop=False, warn=warnings.append)
     assert logged(cb, 1, [0.1, 0.3])[Disagreement.KEY] == pytest.approx(0.2)  # the start's: the reference
     logged(cb, 2, [0.35])
     assert not warnings and cb.fired_at is None  # 1.75x: within the budget
@@ -125,7 +126,7 @@ def test_the_disagreement_guard_warns_past_its_budget_and_stops_when_asked():
     assert metrics["disagreement_warning_step"] == 3 and "disagreement_stop_step" not in metrics
     assert metrics["ensemble_std_start"] == pytest.approx(0.2) and metrics["ensemble_std_final"] == pytest.approx(0.9)
 
-    stopping = Disagreement(SimpleNamespace(disagreement=[]), budget=2.0, stop=True, warn=warnings.append)
+    stopping = Disagreement(head(), budget=2.0, stop=True, warn=warnings.append)
     logged(stopping, 1, [0.2])
     with pytest.raises(BudgetExceeded):
         logged(stopping, 2, [0.5])

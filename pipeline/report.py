@@ -179,8 +179,8 @@ def write_report(registry: Registry, pipeline_id: str) -> Path:
     flaws = flaw_table(entries)
     if flaws:
         lines += ["## The demo's flaw classes", "", "Reward-model accuracy on held-out pairs whose rejected response "
-                  "has the class (with an ensemble, its members' disagreement on them: the std of their normalised margins), and "
-                  "the share of sampled held-out responses that show it (the demo's detectors).",
+                  "has the class (with an ensemble, its members' disagreement on them: the std of their normalised "
+                  "scores), and the share of sampled held-out responses that show it (the demo's detectors).",
                   "", flaws, ""]
     aligned = [e for e in entries if e.stage in ALIGNMENT_STAGES and e.status == "complete"]
     starts = [p for e in aligned for p in e.parents if p.startswith("sft-")]

@@ -96,8 +96,8 @@ def evaluate_pairs(rm: RewardModel, pairs: list[dict], classes: list[str | None]
     """(metrics, statistics) on held-out pairs. Metrics: accuracy and margin of the score (an ensemble's: its
     members' mean), and per class of rejected response where the pairs name one (eval_accuracy/<class>); mean/std of
     the scores of their responses; score-length correlation; for an ensemble, each member's accuracy and the
-    members' disagreement (eval_disagreement: per pair, the std over members of their normalised margins, each
-    member's scores divided by its std), overall and per class. Statistics: the score's mean and std, and each
+    members' disagreement (eval_disagreement: per pair, the std over members of their normalised scores of each
+    response, averaged over the two), overall and per class. Statistics: the score's mean and std, and each
     member's (what the online methods normalise rewards with)."""
     chosen_m, rejected_m = rm.pair_member_scores(pairs)  # (pairs, members)
     members = torch.cat([chosen_m, rejected_m])
@@ -108,7 +108,10 @@ def evaluate_pairs(rm: RewardModel, pairs: list[dict], classes: list[str | None]
     rm.stats = stats
     margins = [c - r for c, r in zip(chosen, rejected)]
     accuracy, margin = sum(m > 0 for m in margins) / len(margins), statistics.fmean(margins)
-    disagreement = (rm.normalised(chosen_m) - rm.normalised(rejected_m)).std(1, unbiased=False).tolist()
+    # per pair: the members' std on each of its two responses, averaged, as the online methods measure it on their
+    # rollouts (the std of the margins would grow with the margins, and read lowest where the members are blind)
+    spread = lambda scores: rm.normalised(scores).std(1, unbiased=False)
+    disagreement = ((spread(chosen_m) + spread(rejected_m)) / 2).tolist()
     by_class = {}
     for c, m, d in zip(classes or [], margins, disagreement):
         if c is not None:
@@ -176,7 +179,7 @@ def reward(run: StageRun) -> dict:
         if members > 1:
             run.log(f"ensemble of {members}: member accuracies " + ", ".join(
                 f"{metrics[f'eval_accuracy/member_{i}']:.3f}" for i in range(members))
-                + f"; disagreement {metrics['eval_disagreement']:.3f} (std of the members' normalised margins)")
+                + f"; disagreement {metrics['eval_disagreement']:.3f} (std of the members' normalised scores)")
         per_class = {k.split("/", 1)[1]: v for k, v in metrics.items()
                      if k.startswith("eval_accuracy/") and not k.startswith("eval_accuracy/member_")}
         if per_class:

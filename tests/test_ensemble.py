@@ -194,3 +194,17 @@ def test_overopt_trains_an_ensemble_and_runs_guarded_and_unguarded(ci_fine_tuned
         assert e.metrics["ensemble_std_start"] > 0 and "ensemble_std" in e.metrics
         history = json.loads((Path(e.path) / "ppo_history.json").read_text())
         assert all(Disagreement.KEY in h for h in history["log"]) and len(history["disagreement"]) == 8
+
+
+def test_diversity_measures_separate_blind_members_from_agreeing_ones():
+    """bench/ensemble_diversity: on the pairs where members split their votes, the vote measure says so, and the
+    std of the margins does not (it grows with the margins)."""
+    from bench.ensemble_diversity import diversity, swap_ratios
+    chosen = torch.tensor([[3.0, 4.0, 2.0], [3.0, 4.4, 1.6], [1.0, 1.0, 1.0], [1.0, 1.0, 1.0]])
+    rejected = torch.tensor([[-3.0, -3.0, -3.0], [-3.0, -2.6, -3.4], [1.2, 0.8, 1.1], [0.8, 1.1, 0.9]])
+    per_class = diversity(chosen, rejected, ["easy", "easy", "swap", "swap"])
+    assert per_class["easy"]["against_majority"] == 0.0
+    assert per_class["swap"]["against_majority"] == pytest.approx(1 / 3)
+    assert per_class["easy"]["member_accuracy"] == [1.0, 1.0, 1.0]
+    ratios = swap_ratios(per_class)
+    assert ratios["against_majority"] > 100 and ratios["margin_std"] < 1

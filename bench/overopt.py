@@ -54,14 +54,14 @@ def ensemble_entry(scale: list[str], members: int):
     return found[-1]
 
 
-def default_steps(method: str, scale: list[str]) -> int:
-    """The stage's default number of updates (at the chosen scale), as its config composes it."""
+def composed(method: str, scale: list[str]):
+    """The stage's config as its command composes it at the chosen scale."""
     from hydra import compose, initialize_config_dir
 
     from pipeline.config import register_schemas
     register_schemas()
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-        return int(compose(config_name=METHODS[method][0], overrides=scale).trainer.max_steps)
+        return compose(config_name=METHODS[method][0], overrides=scale)
 
 
 def overrides(method: str, mode: str, seed: int, reward_id: str, sft_id: str, steps: int, a,
@@ -74,10 +74,7 @@ def overrides(method: str, mode: str, seed: int, reward_id: str, sft_id: str, st
     if a.no_kl:
         out.append("ppo.kl_coef=0.0" if method == "ppo" else "grpo.beta=0.0")
     if a.lr_scale != 1:
-        from hydra import compose, initialize_config_dir
-        with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
-            lr = float(compose(config_name=method, overrides=scale).trainer.learning_rate)
-        out.append(f"trainer.learning_rate={lr * a.lr_scale:g}")
+        out.append(f"trainer.learning_rate={float(composed(method, scale).trainer.learning_rate) * a.lr_scale:g}")
     return out
 
 
@@ -234,14 +231,14 @@ def main(argv: list[str] | None = None) -> int:
     for seed in [int(s) for s in a.seeds.split(",")]:
         result = {"seed": seed}
         for method in methods:
-            steps = max(1, round(default_steps(method, scale) * a.budget))
+            steps = max(1, round(int(composed(method, scale).trainer.max_steps) * a.budget))
             runs = {}
             for mode in MODES:
                 make(METHODS[method][0], overrides(method, mode, seed, reward.id, sft.id, steps, a, scale))
                 runs[mode] = Registry().resolve(f"{method}:latest").entry
             result[method] = summarise(runs["unguarded"], runs["guarded"])
         if "ppo" in result:  # the figures the acceptance check reads, at the seed's top level: PPO's
-            result.update({k: v for k, v in result["ppo"].items()})
+            result.update(result["ppo"])
         results.append(result)
     out = registry.root / "overopt.json"
     settings = {k: getattr(a, k) for k in ("methods", "budget", "every", "prompts", "coef", "no_kl", "lr_scale",

@@ -118,8 +118,6 @@ class BudgetExceeded(Exception):
 class KLBudget(TrainerCallback):
     """Stop when the policy drifts past the KL budget."""
 
-    Exceeded = BudgetExceeded
-
     def __init__(self, budget: float | None, key: str):
         self.budget, self.key = budget, key  # key: the logged KL (objective/kl for PPO, kl for GRPO/RLOO)
         self.fired_at = None

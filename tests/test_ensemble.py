@@ -154,7 +154,7 @@ def test_gao_fit_recovers_its_parameters_and_the_drop_is_found():
     fit = gao_fit(points)
     assert fit["alpha"] == pytest.approx(alpha, abs=1e-6) and fit["beta"] == pytest.approx(beta, abs=1e-6)
     assert fit["peak_sqrt_kl"] == pytest.approx(math.exp(alpha / beta - 1), rel=1e-6)
-    # of the points, gold peaks at d = 2 (update 12: 0.823) and is 0.03 below that first at d = 3 (update 16: 0.741)
+    # of the points, gold peaks at the third (update 12) and first falls DROP below that at the fourth (update 16)
     assert gold_drop_update(points) == 16
     assert gold_drop_update([{"update": 0, "gold": 0.5}, {"update": 4, "gold": 0.6}]) is None
 

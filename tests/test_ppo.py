@@ -12,7 +12,7 @@ from pipeline.errors import PipelineError
 from pipeline.run import StageRun
 from pipeline.tokenizer import train_bpe
 from pipeline.handoff import check_reward_handoff
-from stages.alignment import KLBudget
+from stages.alignment import BudgetExceeded, KLBudget
 from stages.ppo import ppo_arguments
 from tests.conftest import compose
 
@@ -73,7 +73,7 @@ def test_kl_budget_stops_and_records():
     state = SimpleNamespace(global_step=7)
     cb.on_log(None, state, None, logs={"objective/kl": 4.0})
     assert cb.fired_at is None
-    with pytest.raises(KLBudget.Exceeded):
+    with pytest.raises(BudgetExceeded):
         cb.on_log(None, state, None, logs={"objective/kl": 6.0})
     assert cb.fired_at == {"step": 7, "kl": 6.0}
 

@@ -6,8 +6,9 @@
 The pairs are the held-out pairs of the first entry's config (the demo's, which name their flaw class); each member's
 scores are normalised by its own mean and std over those pairs' responses. Per class it prints the std of the members'
 normalised scores (per pair, averaged over its two responses: `eval_disagreement`'s measure; and on the rejected
-response alone), the std of their normalised margins, the share of members against the majority's preference, and
-each member's accuracy; then each measure on swap pairs over its mean on the other classes.
+response alone), the std of their normalised margins, the std of their probabilities that the chosen response is
+the better (sigmoid of each member's margin, as Bradley-Terry training reads it), the share of members against the
+majority's preference, and each member's accuracy; then each measure on swap pairs over its mean on the other classes.
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import torch
 
-MEASURES = ("pair_std", "rejected_std", "margin_std", "against_majority")
+MEASURES = ("pair_std", "rejected_std", "margin_std", "preference_std", "against_majority")
 
 
 def diversity(chosen: torch.Tensor, rejected: torch.Tensor, classes: list[str]) -> dict[str, dict]:
@@ -36,6 +37,8 @@ def diversity(chosen: torch.Tensor, rejected: torch.Tensor, classes: list[str]) 
             "pair_std": ((zc[idx].std(1, unbiased=False) + zr[idx].std(1, unbiased=False)) / 2).mean().item(),
             "rejected_std": zr[idx].std(1, unbiased=False).mean().item(),
             "margin_std": margin[idx].std(1, unbiased=False).mean().item(),
+            # each member's Bradley-Terry probability that the chosen response is the better, from its raw margin
+            "preference_std": torch.sigmoid(chosen[idx] - rejected[idx]).std(1, unbiased=False).mean().item(),
             "against_majority": torch.minimum(prefers.mean(1), 1 - prefers.mean(1)).mean().item(),
             "member_accuracy": prefers.mean(0).tolist(),
             "ensemble_accuracy": (margin[idx].mean(1) > 0).float().mean().item(),

@@ -31,25 +31,27 @@ def last_trainer_checkpoint(trainer_dir: Path) -> Optional[str]:
     return None
 
 
-def save_hf_directory(trainer, tok, run) -> None:
+def save_hf_directory(trainer, tok, run, path: Optional[Path] = None) -> None:
     """The checkpoint as a plain Hugging Face directory: model, tokenizer, generation config; safetensors only.
+    In the entry's directory, where the run's model is then saved; elsewhere (`path`: an ensemble's member), not.
 
     A LoRA run keeps its adapter in adapter/ beside the merged model, which transformers loads alone.
     """
+    path = Path(path or run.entry.path)
     if not is_peft_model(trainer.model):
-        trainer.save_model(run.entry.path)
+        trainer.save_model(str(path))
         if run.is_main:
-            (Path(run.entry.path) / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is YAML
+            (path / "training_args.bin").unlink(missing_ok=True)  # a pickle; the config is YAML
     elif run.is_main:
-        trainer.model.save_pretrained(Path(run.entry.path) / "adapter")
+        trainer.model.save_pretrained(path / "adapter")
         trainer.model = trainer.model.merge_and_unload()  # merging changes the layers in place: keep the result
-        trainer.model.save_pretrained(run.entry.path)
+        trainer.model.save_pretrained(path)
     if run.is_main:
-        tok.save_pretrained(run.entry.path)
+        tok.save_pretrained(path)
         # the logged training curve, for the run report (trainer checkpoints are removed on completion)
-        (Path(run.entry.path) / LOG_HISTORY).write_text(json.dumps(trainer.state.log_history))
+        (path / LOG_HISTORY).write_text(json.dumps(trainer.state.log_history))
     run.state.wait_for_everyone()
-    run.saved = True
+    run.saved = path == Path(run.entry.path)
 
 
 def unwrapped(model, run=None):

@@ -354,19 +354,31 @@ class SFTStageConfig(GeneratingStageConfig):
             raise ValueError(f"batching must be auto, padded or padding_free, got {self.batching!r}")
 
 
+ENSEMBLE_KINDS = ("models", "heads")
+
+
 @dataclass
 class RewardSettings:
     """One reward model, or an ensemble of them in one entry, scored as one: their mean and their disagreement."""
-    # Members of the ensemble: score heads on one backbone (one forward pass scores them all), each with its own
-    # initialisation and trained on its own bootstrap share of every batch. 1: a single reward model.
+    # Members of the ensemble, each trained on its own bootstrap share of the pairs. 1: a single reward model.
     ensemble_size: int = 1
-    # The share of each batch's pairs a member trains on (each pair drawn for each member independently): what
-    # keeps the members apart where the data does not settle the answer. 1.0: every member sees every pair.
+    # models: separately trained reward models (own seed, head, data share and order), each for as many passes over
+    # its share as a single model makes over all the pairs (so K members cost K x ensemble_subsample of one model),
+    # scored side by side as one. heads: K score heads on one backbone, one forward pass for all, each trained on
+    # its own share of every batch; they cost what one model does, but share the features, and with them the
+    # blind spots: on the demo they disagree ten times less than separate models, least where the model is blind
+    # (docs/results.md, "Reward ensembles").
+    ensemble_kind: str = "models"
+    # The share of the pairs a member trains on (heads: of each batch's pairs, drawn for each member): what keeps
+    # the members apart where the data does not settle the answer. 1.0: every member sees every pair.
     ensemble_subsample: float = 0.5
 
     def __post_init__(self):
         if self.ensemble_size < 1:
             raise ValueError(f"reward.ensemble_size must be at least 1, got {self.ensemble_size}")
+        if self.ensemble_kind not in ENSEMBLE_KINDS:
+            raise ValueError(f"reward.ensemble_kind must be one of {', '.join(ENSEMBLE_KINDS)}, got "
+                             f"'{self.ensemble_kind}'")
         if not 0 < self.ensemble_subsample <= 1:
             raise ValueError(f"reward.ensemble_subsample must be in (0, 1], got {self.ensemble_subsample}")
 

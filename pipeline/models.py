@@ -12,12 +12,15 @@ grown to its vocabulary, its special-token ids). Weights load in fp32, from safe
 """
 from __future__ import annotations
 
+import json
 from dataclasses import asdict
 from pathlib import Path
 
 import torch
+from torch import nn
 from transformers import (AutoConfig, AutoModelForCausalLM, AutoModelForSequenceClassification, AutoTokenizer,
                           GenerationConfig, LlamaConfig, LlamaForCausalLM)
+from transformers.modeling_outputs import BaseModelOutputWithPast, SequenceClassifierOutputWithPast
 
 from pipeline.config import ModelConfig, PeftConfig, SavedGenerationConfig
 from pipeline.errors import PipelineError
@@ -95,11 +98,20 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False):
     return _load(AutoModelForCausalLM, "a causal LM", name_or_path, trust_remote_code)
 
 
+ENSEMBLE_FILE = "ensemble.json"  # an ensemble of separately trained reward models: the list of its members' folders
+
+
 def load_reward_model(name_or_path: str, trust_remote_code: bool = False, members: int | None = None):
     """(model, tokenizer) of a reward model: a score head with one output per ensemble member, read at the last
     token that is not padding. On a causal-LM checkpoint (reward training's backbone) the head is new, with
     `members` outputs (default 1); on a reward checkpoint (scoring, PPO's reward and value models) it is the
-    trained one, with as many outputs as it was trained with."""
+    trained one, with as many outputs as it was trained with; an ensemble of separate models loads as a
+    MemberStack, one output per member."""
+    listed = Path(name_or_path) / ENSEMBLE_FILE
+    if listed.is_file():
+        folders = json.loads(listed.read_text())["members"]
+        loaded = [load_reward_model(str(Path(name_or_path) / f), trust_remote_code, 1)[0] for f in folders]
+        return MemberStack(loaded), load_tokenizer(name_or_path, trust_remote_code)
     if members is None:
         members = reward_members(name_or_path, trust_remote_code)
     return _load(AutoModelForSequenceClassification, "a reward model", name_or_path, trust_remote_code,
@@ -107,15 +119,74 @@ def load_reward_model(name_or_path: str, trust_remote_code: bool = False, member
 
 
 def reward_members(name_or_path: str, trust_remote_code: bool = False) -> int:
-    """The number of score outputs of a saved sequence-classification model (its ensemble's members); 1 for any
-    other checkpoint, whose config's num_labels means nothing here."""
+    """The number of score outputs of a saved reward model (its ensemble's members); 1 for any other checkpoint,
+    whose config's num_labels means nothing here."""
     check_model_source(name_or_path)
+    listed = Path(name_or_path) / ENSEMBLE_FILE
+    if listed.is_file():
+        return len(json.loads(listed.read_text())["members"])
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as e:
         raise PipelineError(f"cannot load a model config from '{name_or_path}': {e}") from None
     scorer = any(a.endswith("ForSequenceClassification") for a in config.architectures or [])
     return config.num_labels if scorer else 1
+
+
+class _Backbones(nn.Module):
+    """The members' backbones side by side: their last hidden states concatenated, (batch, tokens, members x
+    hidden), in the output's hidden_states as TRL's get_reward reads it."""
+
+    def __init__(self, backbones: list[nn.Module]):
+        super().__init__()
+        self.each = nn.ModuleList(backbones)
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        kwargs.pop("output_hidden_states", None)
+        hidden = torch.cat([b(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+                            for b in self.each], -1)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=(hidden,))
+
+
+class _Heads(nn.Module):
+    """Each member's score head on its own share of the concatenated hidden states: (..., members)."""
+
+    def __init__(self, heads: list[nn.Module]):
+        super().__init__()
+        self.each = nn.ModuleList(heads)
+
+    def forward(self, hidden):
+        parts = hidden.chunk(len(self.each), -1)
+        return torch.cat([head(part) for head, part in zip(self.each, parts)], -1)
+
+
+class MemberStack(nn.Module):
+    """Separately trained reward models (`reward.ensemble_kind=models`) as one sequence-classification model with
+    one output per member: the shape of a heads ensemble, so that the scorer, the online trainers (TRL reads the
+    backbone, then `score`) and the disagreement guard take either kind alike. Each member reads the same tokens
+    with its own weights; the logits are read at the last token that is not padding, as transformers reads them."""
+
+    base_model_prefix = "backbones"
+
+    def __init__(self, members: list[nn.Module]):
+        super().__init__()
+        self.backbones = _Backbones([getattr(m, m.base_model_prefix) for m in members])
+        self.score = _Heads([m.score for m in members])
+        self.config = members[0].config.__class__.from_dict(members[0].config.to_dict())
+        self.config.num_labels = len(members)
+        self.members = members  # the plain models, kept out of the module tree (their weights are registered above)
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def forward(self, input_ids=None, attention_mask=None, **kwargs):
+        kwargs.pop("use_cache", None)
+        logits = self.score(self.backbones(input_ids=input_ids, attention_mask=attention_mask, use_cache=False,
+                                           **kwargs).last_hidden_state)
+        non_pad = (input_ids != self.config.pad_token_id).to(logits.device, torch.int32)
+        last = (torch.arange(input_ids.shape[-1], device=logits.device, dtype=torch.int32) * non_pad).argmax(-1)
+        return SequenceClassifierOutputWithPast(logits=logits[torch.arange(len(last), device=logits.device), last])
 
 
 def match_tokenizer(model, tokenizer) -> None:

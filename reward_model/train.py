@@ -1,12 +1,14 @@
 """Reward-model training: a sequence-classification head on the SFT model, trained on preference pairs with TRL's
-RewardTrainer (Bradley-Terry loss); with reward.ensemble_size=K, K heads on one backbone, each trained on its own
-bootstrap share of the pairs, saved and scored as one model (the members' mean, and their disagreement).
+RewardTrainer (Bradley-Terry loss). With reward.ensemble_size=K, an ensemble in one entry, scored as one model (the
+members' mean, and their disagreement): K separately trained reward models, each on its own share of the pairs
+(reward.ensemble_kind=models, the default), or K score heads on one backbone (heads).
 
     make reward                                            # the demo: sft:latest on demo preference pairs
     make reward ARGS="experiment=ci"                       # micro sizes
     make reward ARGS="data=local data.path=pairs.jsonl"    # prompt/chosen/rejected, or chosen/rejected
     make reward ARGS="data=ultrafeedback"                  # a hub preference set (needs a network)
-    make reward ARGS="reward.ensemble_size=4"              # an ensemble of 4, one entry
+    make reward ARGS="reward.ensemble_size=4"              # an ensemble of 4 models, one entry
+    make reward ARGS="reward.ensemble_size=4 reward.ensemble_kind=heads"   # 4 heads on one backbone
 
 init_from -> pairs -> RewardTrainer -> held-out accuracy and margin, score mean/std and each member's (stored with
 the checkpoint for the online methods to normalize rewards), score-length correlation, an ensemble's member
@@ -15,6 +17,9 @@ accuracies and disagreement -> registry entry (parent: init_from).
 from __future__ import annotations
 
 import json
+import math
+import random
+import shutil
 import statistics
 from pathlib import Path
 
@@ -23,15 +28,16 @@ import torch
 from datasets import Dataset
 from omegaconf import DictConfig
 from torch import nn
+from transformers import set_seed
 from transformers.trainer_pt_utils import LengthGroupedSampler
 from trl import RewardConfig, RewardTrainer
 
 from pipeline.callbacks import standard_callbacks
-from pipeline.checkpoint import save_hf_directory, unwrapped
+from pipeline.checkpoint import LOG_HISTORY, last_trainer_checkpoint, save_hf_directory, unwrapped
 from pipeline.config import RewardStageConfig, refuse_keys_of_other_stages, register_schemas
 from pipeline.data import load_preference_data
 from pipeline.handoff import check_data_coverage
-from pipeline.models import count_parameters, load_reward_model, lora_config
+from pipeline.models import ENSEMBLE_FILE, MemberStack, count_parameters, load_reward_model, lora_config
 from pipeline.registry import Registry
 from pipeline.run import StageRun, run_stage
 from pipeline.trainer import trainer_arguments
@@ -130,27 +136,16 @@ def evaluate_pairs(rm: RewardModel, pairs: list[dict], classes: list[str | None]
     return metrics, stats
 
 
-def reward(run: StageRun) -> dict:
+def pair_trainer(run: StageRun, model, tok, train_pairs: list[dict], eval_pairs: list[dict], members: int = 1,
+                 seed: int | None = None, trainer_dir: Path | None = None, max_steps: int | None = None):
+    """The stage's PairTrainer on these pairs; an ensemble's member has its own seed, trainer directory and steps."""
     cfg: RewardStageConfig = run.cfg
-
-    # --- model
-    members = cfg.reward.ensemble_size
-    model, tok = load_reward_model(run.inputs["init_from"].path, cfg.trust_remote_code, members)  # a new score head
-
-    # --- data
-    train_pairs, eval_pairs = load_preference_data(cfg.data, cfg.seed, run.cache_dir)
-    eval_classes = [p.pop("flaw", None) for p in eval_pairs]  # the demo's: for the per-class accuracies only
-    run.record_fingerprints(train_pairs, tok)
-    run.log(f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs; model "
-            f"{count_parameters(model) / 1e6:.2f}M parameters; peft={cfg.peft.method}")
-    check_data_coverage(run, tok, [{"prompt": p.get("prompt"), "chosen": p["chosen"]} for p in train_pairs], model)
-    if run.is_main and "initial_eval_accuracy" not in run.entry.metrics:
-        run.record(initial_eval_accuracy=RewardModel(model, tok).pair_accuracy(eval_pairs)[0])
-
-    # --- trainer
     args = trainer_arguments(run, RewardConfig, max_length=cfg.data.max_length, disable_dropout=True,
                              dataset_num_proc=None)
-    trainer = PairTrainer(members=members, subsample=cfg.reward.ensemble_subsample, seed=cfg.seed,
+    if seed is not None:  # a member: its own data order, directory and steps
+        args.seed, args.output_dir, args.max_steps = seed, str(trainer_dir), max_steps
+    seed = cfg.seed if seed is None else seed
+    trainer = PairTrainer(members=members, subsample=cfg.reward.ensemble_subsample, seed=seed,
                           model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
                           eval_dataset=Dataset.from_list(eval_pairs), processing_class=tok,
                           peft_config=lora_config(cfg.peft, "SEQ_CLS"), callbacks=standard_callbacks(run))
@@ -160,32 +155,104 @@ def reward(run: StageRun) -> dict:
         run.log(f"{'WARNING: ' if dropped > 0.01 * len(train_pairs) else ''}{dropped} of {len(train_pairs)} pairs are "
                 f"longer than data.max_length={cfg.data.max_length} tokens and are left out of training; raise "
                 f"data.max_length to keep them")
+    return trainer
+
+
+def train_members(run: StageRun, model, tok, backbone: str, train_pairs: list[dict],
+                  eval_pairs: list[dict]) -> tuple[MemberStack, dict]:
+    """An ensemble of separately trained reward models (reward.ensemble_kind=models): member i has seed + i (its
+    head's initialisation and its data order) and its own random share of the pairs, trained for as many passes over
+    it as one model makes over all of them; saved in members/<i>/, listed in ensemble.json, scored as one
+    MemberStack. A member already saved is kept when the stage is run again; one cut short resumes from its last
+    trainer checkpoint."""
+    cfg: RewardStageConfig = run.cfg
+    k, share = cfg.reward.ensemble_size, cfg.reward.ensemble_subsample
+    steps = max(1, math.ceil(cfg.trainer.max_steps * share))
+    root = Path(run.entry.path)
+    trained, results = [], []
+    for i in range(k):
+        folder = root / "members" / str(i)
+        if (folder / "model.safetensors").exists():
+            run.log(f"member {i}: kept from the earlier run ({folder})")
+            trained.append(load_reward_model(str(folder), cfg.trust_remote_code, 1)[0])
+            continue
+        seed = cfg.seed + i
+        if i > 0:  # member 0 is the model loaded above; each other one gets its own head, drawn from its seed
+            set_seed(seed)
+            model, _ = load_reward_model(backbone, cfg.trust_remote_code, 1)
+        pairs = random.Random(seed).sample(train_pairs, max(1, round(len(train_pairs) * share)))
+        trainer = pair_trainer(run, model, tok, pairs, eval_pairs, seed=seed, max_steps=steps,
+                               trainer_dir=run.trainer_dir / f"member_{i}")
+        run.log(f"member {i}: seed {seed}, {len(pairs)} pairs, {steps} steps")
+        result = trainer.train(resume_from_checkpoint=last_trainer_checkpoint(run.trainer_dir / f"member_{i}"))
+        results.append({"eval_loss": trainer.evaluate()["eval_loss"], "train_loss": result.training_loss,
+                        "train_runtime_s": result.metrics["train_runtime"], "global_step": result.global_step})
+        save_hf_directory(trainer, tok, run, folder)
+        trained.append(unwrapped(trainer.model, run))
+    if run.is_main:
+        tok.save_pretrained(root)
+        (root / ENSEMBLE_FILE).write_text(json.dumps({"kind": "models", "members": [f"members/{i}" for i in range(k)]}))
+        shutil.copy(root / "members" / "0" / LOG_HISTORY, root / LOG_HISTORY)  # the report's curve: member 0's
+    run.state.wait_for_everyone()
+    run.saved = True
+    metrics = {"train_runtime_s": sum(r["train_runtime_s"] for r in results),
+               "global_step": sum(r["global_step"] for r in results)}
+    if results:  # the members trained in this run
+        metrics.update(eval_loss=statistics.fmean(r["eval_loss"] for r in results),
+                       train_loss=statistics.fmean(r["train_loss"] for r in results))
+    return MemberStack(trained), metrics
+
+
+def reward(run: StageRun) -> dict:
+    cfg: RewardStageConfig = run.cfg
+    k = cfg.reward.ensemble_size
+    separate = k > 1 and cfg.reward.ensemble_kind == "models"
+
+    # --- model
+    backbone = run.inputs["init_from"].path
+    model, tok = load_reward_model(backbone, cfg.trust_remote_code, 1 if separate else k)  # a new score head
+
+    # --- data
+    train_pairs, eval_pairs = load_preference_data(cfg.data, cfg.seed, run.cache_dir)
+    eval_classes = [p.pop("flaw", None) for p in eval_pairs]  # the demo's: for the per-class accuracies only
+    run.record_fingerprints(train_pairs, tok)
+    run.log(f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs; model "
+            f"{count_parameters(model) / 1e6:.2f}M parameters; peft={cfg.peft.method}"
+            + (f"; an ensemble of {k} {cfg.reward.ensemble_kind}" if k > 1 else ""))
+    check_data_coverage(run, tok, [{"prompt": p.get("prompt"), "chosen": p["chosen"]} for p in train_pairs], model)
+    if run.is_main and "initial_eval_accuracy" not in run.entry.metrics:
+        run.record(initial_eval_accuracy=RewardModel(model, tok).pair_accuracy(eval_pairs)[0])
 
     # --- train and save
-    result = trainer.train(resume_from_checkpoint=run.resume_from)
-    eval_loss = trainer.evaluate()["eval_loss"]
-    save_hf_directory(trainer, tok, run)
+    if separate:
+        scorer, metrics = train_members(run, model, tok, backbone, train_pairs, eval_pairs)
+    else:
+        trainer = pair_trainer(run, model, tok, train_pairs, eval_pairs, members=k)
+        result = trainer.train(resume_from_checkpoint=run.resume_from)
+        eval_loss = trainer.evaluate()["eval_loss"]
+        save_hf_directory(trainer, tok, run)
+        scorer = unwrapped(trainer.model, run)
+        metrics = {"eval_loss": eval_loss, "train_loss": result.training_loss,
+                   "train_runtime_s": result.metrics["train_runtime"], "global_step": result.global_step}
+    run.record(**metrics)  # kept should the evaluation below fail
 
     # --- evaluate the held-out pairs
-    metrics = {"eval_loss": eval_loss, "train_loss": result.training_loss,
-               "train_runtime_s": result.metrics["train_runtime"], "global_step": result.global_step}
-    run.record(**metrics)  # kept should the evaluation below fail
     if run.is_main:
-        held_out, stats = evaluate_pairs(RewardModel(unwrapped(trainer.model, run), tok), eval_pairs, eval_classes)
+        held_out, stats = evaluate_pairs(RewardModel(scorer, tok), eval_pairs, eval_classes)
         metrics.update(held_out, initial_eval_accuracy=run.entry.metrics["initial_eval_accuracy"])
         (Path(run.entry.path) / STATS_FILE).write_text(json.dumps(stats, indent=2))
         run.log(f"held-out accuracy {metrics['initial_eval_accuracy']:.3f} -> {metrics['eval_accuracy']:.3f}, "
                 f"margin {metrics['eval_margin']:.3f}, score {metrics['score_mean']:.3f} ± {metrics['score_std']:.3f}")
-        if members > 1:
-            run.log(f"ensemble of {members}: member accuracies " + ", ".join(
-                f"{metrics[f'eval_accuracy/member_{i}']:.3f}" for i in range(members))
+        if k > 1:
+            run.log(f"ensemble of {k}: member accuracies " + ", ".join(
+                f"{metrics[f'eval_accuracy/member_{i}']:.3f}" for i in range(k))
                 + f"; disagreement {metrics['eval_disagreement']:.3f} (std of the members' normalised scores)")
         per_class = {k.split("/", 1)[1]: v for k, v in metrics.items()
                      if k.startswith("eval_accuracy/") and not k.startswith("eval_accuracy/member_")}
         if per_class:
             run.log("held-out accuracy by flaw class of the rejected response: " + ", ".join(
                 f"{c} {v:.3f} ({metrics[f'eval_pairs/{c}']}"
-                + (f", disagreement {metrics[f'eval_disagreement/{c}']:.3f})" if members > 1 else ")")
+                + (f", disagreement {metrics[f'eval_disagreement/{c}']:.3f})" if k > 1 else ")")
                 for c, v in per_class.items()))
         if abs(metrics["length_correlation"]) > cfg.length_correlation_warning:
             run.warn(f"the score correlates with response length (r = {metrics['length_correlation']:.2f}): "

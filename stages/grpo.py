@@ -21,6 +21,7 @@ from pathlib import Path
 import hydra
 from datasets import Dataset
 from omegaconf import DictConfig
+from transformers import PreTrainedModel
 from trl import GRPOConfig, GRPOTrainer, RLOOConfig, RLOOTrainer
 
 from pipeline.callbacks import standard_callbacks
@@ -80,6 +81,8 @@ def grpo(run: StageRun) -> dict:
         stats = reward_statistics(reward_ref.path, g.normalize_rewards, rm.members)
         rm.stats = stats  # the evaluation's disagreement on the scale the policy was trained on
         scorer, scorer_tok = load_scorer(reward_ref.path, trust, stats, g.reward_uncertainty, g.reward_uncertainty_coef)
+        if not isinstance(scorer, PreTrainedModel):  # separate models stacked: TRL moves only its own kind
+            scorer.to(run.state.device)
         funcs.append(scorer)
         processing.append(scorer_tok)
         head = scorer.score

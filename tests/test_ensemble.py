@@ -1,20 +1,23 @@
-"""Reward-model ensembles: K score heads on one backbone trained into one entry, scored as one (mean and
-disagreement); the conservative rewards the online methods train on; the disagreement guard; and the
+"""Reward-model ensembles: K separately trained models, or K score heads on one backbone, trained into one entry and
+scored as one (mean and disagreement); the conservative rewards the online methods train on; the disagreement guard; and the
 over-optimisation bench (bench/overopt.py) end to end at micro sizes."""
 import json
 import math
 import subprocess
+import sys
 from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
 import torch
+from safetensors.torch import load_file
 from transformers import LlamaConfig, LlamaForSequenceClassification
 from trl.experimental.utils import get_reward
 
 from bench.overopt import gao_fit, gold_drop_update
 from pipeline import demo
 from pipeline.errors import PipelineError
+from pipeline.models import ENSEMBLE_FILE, MemberStack, load_reward_model, reward_members
 from pipeline.registry import Registry
 from pipeline.tokenizer import train_bpe
 from reward_model.scoring import RewardModel
@@ -65,10 +68,55 @@ def saved_ensemble(tok, path, members=3):
     return model.eval()
 
 
-def test_disagreement_is_read_where_the_reward_is_read(tok, tmp_path):
+def saved_members(tok, path, members=3):
+    """An ensemble of separately initialised one-output models, saved as `make reward` saves the models kind; the
+    plain members back."""
+    plain = []
+    for i in range(members):
+        plain.append(saved_ensemble(tok, path / "members" / str(i), members=1))
+        torch.manual_seed(100 + i)
+        with torch.no_grad():  # each its own weights, not only its own head
+            for p in plain[-1].parameters():
+                p.add_(0.05 * torch.randn_like(p))
+        plain[-1].save_pretrained(path / "members" / str(i))
+    tok.save_pretrained(path)
+    (path / ENSEMBLE_FILE).write_text(json.dumps({"kind": "models", "members": [f"members/{i}" for i in range(members)]}))
+    return plain
+
+
+class Members(torch.nn.Module):
+    """The plain members' scores side by side, (batch, members): what their stack must give."""
+
+    def __init__(self, plain):
+        super().__init__()
+        self.plain = plain
+
+    def forward(self, **batch):
+        return SimpleNamespace(logits=torch.cat([m(**batch).logits for m in self.plain], -1))
+
+
+def ensemble_of(kind, tok, path):
+    return saved_ensemble(tok, path) if kind == "heads" else Members(saved_members(tok, path))
+
+
+def test_separate_models_load_as_one_model_with_an_output_each(tok, tmp_path):
+    plain = Members(saved_members(tok, tmp_path))
+    stack, _ = load_reward_model(str(tmp_path))
+    assert isinstance(stack, MemberStack) and reward_members(str(tmp_path)) == 3 and stack.config.num_labels == 3
+    tok.padding_side = "right"
+    batch = tok(["Once upon a time there was a cat.", "Yes."], padding=True, return_tensors="pt")
+    with torch.no_grad():
+        scores = stack(**batch).logits
+    assert scores.shape == (2, 3)
+    assert torch.allclose(scores, plain(**batch).logits, atol=1e-5)  # each member read at its own last token
+    assert scores.std(1).min() > 1e-3  # the members differ
+
+
+@pytest.mark.parametrize("kind", ["heads", "models"])
+def test_disagreement_is_read_where_the_reward_is_read(tok, tmp_path, kind):
     """TRL's PPO reads the reward at each response's last token before padding; the members' std is kept at the
     same token, and the combined reward there is the members' normalised mean."""
-    model = saved_ensemble(tok, tmp_path)
+    model = ensemble_of(kind, tok, tmp_path)
     stats = {"member_mean": [0.0, 0.0, 0.0], "member_std": [1.0, 1.0, 1.0]}
     scorer, _ = load_scorer(str(tmp_path), False, stats)
     query = torch.tensor([tok("Is it good?")["input_ids"]] * 2)
@@ -81,6 +129,15 @@ def test_disagreement_is_read_where_the_reward_is_read(tok, tmp_path):
                                for r in responses])  # (2, members), each read at its own eos
     assert reward.tolist() == pytest.approx(members.mean(1).tolist(), abs=1e-5)
     assert scorer.score.disagreement == pytest.approx(members.std(1, unbiased=False).tolist(), abs=1e-5)
+
+
+def test_the_value_model_of_separate_models_is_the_first_member(tok, tmp_path):
+    plain = saved_members(tok, tmp_path)
+    value = value_model(str(tmp_path), False)
+    ids = torch.tensor([tok("Once upon a time")["input_ids"]])
+    with torch.no_grad():
+        assert value(input_ids=ids).logits[0, 0].item() == pytest.approx(plain[0](input_ids=ids).logits[0, 0].item(),
+                                                                         abs=1e-5)
 
 
 def test_the_value_model_starts_as_the_members_mean(tok, tmp_path):
@@ -141,9 +198,13 @@ def test_bad_guard_settings_are_named(overrides, match):
         compose("ppo", ["experiment=ci", *overrides])
 
 
-def test_bad_ensemble_size_is_named():
-    with pytest.raises(PipelineError, match="reward.ensemble_size must be at least 1"):
-        compose("reward", ["experiment=ci", "reward.ensemble_size=0"])
+@pytest.mark.parametrize("override,match", [
+    ("reward.ensemble_size=0", "reward.ensemble_size must be at least 1"),
+    ("reward.ensemble_kind=stacked", "reward.ensemble_kind must be one of models, heads, got 'stacked'"),
+])
+def test_bad_ensemble_settings_are_named(override, match):
+    with pytest.raises(PipelineError, match=match):
+        compose("reward", ["experiment=ci", override])
 
 
 def test_gao_fit_recovers_its_parameters_and_the_drop_is_found():
@@ -174,6 +235,18 @@ def test_overopt_trains_an_ensemble_and_runs_guarded_and_unguarded(ci_fine_tuned
     m = reward.metrics
     assert m["ensemble_size"] == 3 and {f"eval_accuracy/member_{i}" for i in range(3)} <= set(m)
     assert m["eval_disagreement"] > 0  # the members differ
+    # the default kind: three separately trained models, each on its own share of the pairs for half the steps
+    listed = json.loads((Path(reward.path) / "ensemble.json").read_text())["members"]
+    weights = [load_file(str(Path(reward.path) / f / "model.safetensors")) for f in listed]
+    assert len(weights) == 3 and not torch.equal(weights[0]["score.weight"], weights[1]["score.weight"])
+    assert not torch.equal(weights[0]["model.norm.weight"], weights[2]["model.norm.weight"])  # backbones trained apart
+    steps = compose("reward", ["experiment=ci"]).trainer.max_steps
+    assert m["global_step"] == 3 * math.ceil(steps * 0.5)
+    exported = tmp_path / "exported"  # exported whole, members and all, and scored as one from the folder
+    r = subprocess.run([sys.executable, "-m", "pipeline.registry", "export", reward.id, str(exported)], cwd=ROOT,
+                       env=env_for(home), capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert RewardModel.load(str(exported)).members == 3
     assert any(k.startswith("eval_disagreement/") for k in m)  # per flaw class, on the demo
     stats = json.loads((Path(reward.path) / "reward_stats.json").read_text())
     assert len(stats["member_mean"]) == 3 and len(stats["member_std"]) == 3
@@ -194,6 +267,20 @@ def test_overopt_trains_an_ensemble_and_runs_guarded_and_unguarded(ci_fine_tuned
         assert e.metrics["ensemble_std_start"] > 0 and "ensemble_std" in e.metrics
         history = json.loads((Path(e.path) / "ppo_history.json").read_text())
         assert all(Disagreement.KEY in h for h in history["log"]) and len(history["disagreement"]) == 8
+
+
+@pytest.mark.slow
+def test_a_heads_ensemble_is_one_model_with_an_output_per_head(ci_fine_tuned, tmp_path):
+    home = copy_registry(ci_fine_tuned, tmp_path)
+    r = subprocess.run(["make", "--no-print-directory", "reward",
+                        "ARGS=experiment=ci logging=none reward.ensemble_size=2 reward.ensemble_kind=heads"],
+                       cwd=ROOT, env=env_for(home), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
+    entry = Registry(str(home)).resolve("reward:latest").entry
+    assert not (Path(entry.path) / "ensemble.json").exists()
+    head = load_file(str(Path(entry.path) / "model.safetensors"))["score.weight"]
+    assert head.shape[0] == 2 and not torch.equal(head[0], head[1])
+    assert entry.metrics["ensemble_size"] == 2 and "eval_accuracy/member_1" in entry.metrics
 
 
 def test_diversity_measures_separate_blind_members_from_agreeing_ones():

@@ -185,8 +185,8 @@ def train_members(run: StageRun, model, tok, backbone: str, train_pairs: list[di
                                trainer_dir=run.trainer_dir / f"member_{i}")
         run.log(f"member {i}: seed {seed}, {len(pairs)} pairs, {steps} steps")
         result = trainer.train(resume_from_checkpoint=last_trainer_checkpoint(run.trainer_dir / f"member_{i}"))
-        results.append({"eval_loss": trainer.evaluate()["eval_loss"], "train_loss": result.training_loss,
-                        "train_runtime_s": result.metrics["train_runtime"], "global_step": result.global_step})
+        results.append({"train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"],
+                        "global_step": result.global_step})  # each member's accuracy is measured with the rest
         save_hf_directory(trainer, tok, run, folder)
         trained.append(unwrapped(trainer.model, run))
     if run.is_main:
@@ -198,8 +198,7 @@ def train_members(run: StageRun, model, tok, backbone: str, train_pairs: list[di
     metrics = {"train_runtime_s": sum(r["train_runtime_s"] for r in results),
                "global_step": sum(r["global_step"] for r in results)}
     if results:  # the members trained in this run
-        metrics.update(eval_loss=statistics.fmean(r["eval_loss"] for r in results),
-                       train_loss=statistics.fmean(r["train_loss"] for r in results))
+        metrics["train_loss"] = statistics.fmean(r["train_loss"] for r in results)
     return MemberStack(trained), metrics
 
 

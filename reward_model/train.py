@@ -205,7 +205,7 @@ def train_members(run: StageRun, model, tok, backbone: str, train_pairs: list[di
 def reward(run: StageRun) -> dict:
     cfg: RewardStageConfig = run.cfg
     k = cfg.reward.ensemble_size
-    separate = k > 1 and cfg.reward.ensemble_kind == "models"
+    separate = cfg.reward.ensemble_kind == "models" and k > 1
 
     # --- model
     backbone = run.inputs["init_from"].path

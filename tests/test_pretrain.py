@@ -122,6 +122,7 @@ def test_evaluation_after_mixed_precision_training_runs_in_fp32():
                                                        pad_token_id=0))
     x = torch.randint(1, 64, (2, 12))
     fp32 = model(input_ids=x).logits
+    AcceleratorState._reset_state(reset_partial_state=True)  # an earlier test's trainer in this process set its own
     try:
         prepared = Accelerator(cpu=True, mixed_precision="bf16").prepare(model)
         assert not torch.equal(prepared(input_ids=x).logits, fp32)  # the training forward runs in bf16

@@ -172,7 +172,7 @@ Every checkpoint this one was made from, newest first.
 def export(registry: Registry, ref: str, out: str | os.PathLike, license: str = "other") -> Path:
     """Write the checkpoint `ref` and its model card into the new (or empty) directory `out`; an ensemble of
     separately trained reward models with its members' folders."""
-    from pipeline.models import ENSEMBLE_FILE  # torch: only where a checkpoint is exported
+    from pipeline.models import ENSEMBLE_FILE, ensemble_members  # torch: only where a checkpoint is exported
     entry = registry.resolve(ref).entry
     if entry is None:
         raise PipelineError(f"'{ref}' is not a registry entry: export writes a card from the registry, so it needs "
@@ -181,13 +181,12 @@ def export(registry: Registry, ref: str, out: str | os.PathLike, license: str = 
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise PipelineError(f"{out} exists and is not an empty directory; export into a new one")
     source = Path(entry.path)
-    ensemble = (source / ENSEMBLE_FILE).exists()  # separately trained reward models: each member its own folder
-    folders = [source] + ([source / f for f in json.loads((source / ENSEMBLE_FILE).read_text())["members"]]
-                          if ensemble else [])
-    files = sorted({f for folder in folders for pattern in HF_FILES for f in folder.glob(pattern) if f.is_file()})
+    members = ensemble_members(source)  # separately trained reward models: each member its own folder
+    files = sorted({f for folder in [source, *members] for pattern in HF_FILES for f in folder.glob(pattern)
+                    if f.is_file()})
     if not any(f.suffix == ".safetensors" for f in files):
         raise PipelineError(f"{source} holds no safetensors weights: nothing to export")
-    for f in files + [source / ENSEMBLE_FILE] * ensemble:
+    for f in files + [source / ENSEMBLE_FILE] * bool(members):
         (out / f.relative_to(source)).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(f, out / f.relative_to(source))
     card = model_card(registry, entry, license)

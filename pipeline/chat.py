@@ -26,7 +26,7 @@ from pipeline.config import GenerationEvalConfig
 from pipeline.data import as_conversation, check_jsonl, clean_rows, prompt_row_problem
 from pipeline.errors import PipelineError
 from pipeline.evaluation import generate_responses
-from pipeline.models import ENSEMBLE_FILE, load_as_saved
+from pipeline.models import ensemble_members, load_as_saved
 from pipeline.registry import Registry
 
 
@@ -97,7 +97,7 @@ def load(ref: str, root: str | None, plain: bool, dtype: str = "auto"):
     resolved = Registry(root).resolve(ref)
     path = resolved.path
     config = Path(path) / "config.json"
-    if (Path(path) / ENSEMBLE_FILE).exists() or config.exists() and any(
+    if ensemble_members(path) or config.exists() and any(
             a.endswith("ForSequenceClassification") for a in json.loads(config.read_text()).get("architectures") or []):
         raise PipelineError(f"'{ref}' is a reward model ({path}): it scores text and does not generate. "
                             f"Chat with a policy: sft:latest, ppo:latest, dpo:latest, grpo:latest")

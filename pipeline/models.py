@@ -101,16 +101,21 @@ def load_causal_lm(name_or_path: str, trust_remote_code: bool = False):
 ENSEMBLE_FILE = "ensemble.json"  # an ensemble of separately trained reward models: the list of its members' folders
 
 
+def ensemble_members(path: str | Path) -> list[Path]:
+    """The member folders of an ensemble of separately trained reward models saved at `path`; [] for any other."""
+    listed = Path(path) / ENSEMBLE_FILE
+    return [Path(path) / f for f in json.loads(listed.read_text())["members"]] if listed.is_file() else []
+
+
 def load_reward_model(name_or_path: str, trust_remote_code: bool = False, members: int | None = None):
     """(model, tokenizer) of a reward model: a score head with one output per ensemble member, read at the last
     token that is not padding. On a causal-LM checkpoint (reward training's backbone) the head is new, with
     `members` outputs (default 1); on a reward checkpoint (scoring, PPO's reward and value models) it is the
     trained one, with as many outputs as it was trained with; an ensemble of separate models loads as a
     MemberStack, one output per member."""
-    listed = Path(name_or_path) / ENSEMBLE_FILE
-    if listed.is_file():
-        folders = json.loads(listed.read_text())["members"]
-        loaded = [load_reward_model(str(Path(name_or_path) / f), trust_remote_code, 1)[0] for f in folders]
+    folders = ensemble_members(name_or_path)
+    if folders:
+        loaded = [load_reward_model(str(f), trust_remote_code, 1)[0] for f in folders]
         return MemberStack(loaded), load_tokenizer(name_or_path, trust_remote_code)
     if members is None:
         members = reward_members(name_or_path, trust_remote_code)
@@ -122,9 +127,9 @@ def reward_members(name_or_path: str, trust_remote_code: bool = False) -> int:
     """The number of score outputs of a saved reward model (its ensemble's members); 1 for any other checkpoint,
     whose config's num_labels means nothing here."""
     check_model_source(name_or_path)
-    listed = Path(name_or_path) / ENSEMBLE_FILE
-    if listed.is_file():
-        return len(json.loads(listed.read_text())["members"])
+    folders = ensemble_members(name_or_path)
+    if folders:
+        return len(folders)
     try:
         config = AutoConfig.from_pretrained(name_or_path, trust_remote_code=trust_remote_code)
     except Exception as e:

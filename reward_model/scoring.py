@@ -43,8 +43,9 @@ def as_text(tok, prompt, response) -> str:
 
 class RewardModel:
     """A reward model, or an ensemble (one score output per member: separately trained models side by side, or
-    heads on one backbone), scored as one: a response's score is the members' mean, and their disagreement is the std of their scores, each member's
-    normalised by its own statistics (stats: member_mean, member_std, stored by `make reward`)."""
+    heads on one backbone), scored as one: a response's score is the members' mean, and their disagreement is the
+    std of their scores, each member's normalised by its own statistics (stats: member_mean, member_std, stored by
+    `make reward`)."""
 
     def __init__(self, model, tok, stats: dict | None = None):
         self.model = model.eval()

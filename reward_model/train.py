@@ -142,9 +142,10 @@ def pair_trainer(run: StageRun, model, tok, train_pairs: list[dict], eval_pairs:
     cfg: RewardStageConfig = run.cfg
     args = trainer_arguments(run, RewardConfig, max_length=cfg.data.max_length, disable_dropout=True,
                              dataset_num_proc=None)
-    if seed is not None:  # a member: its own data order, directory and steps
+    if seed is None:
+        seed = cfg.seed
+    else:  # an ensemble's member: its own data order, directory and steps
         args.seed, args.output_dir, args.max_steps = seed, str(trainer_dir), max_steps
-    seed = cfg.seed if seed is None else seed
     trainer = PairTrainer(members=members, subsample=cfg.reward.ensemble_subsample, seed=seed,
                           model=model, args=args, train_dataset=Dataset.from_list(train_pairs),
                           eval_dataset=Dataset.from_list(eval_pairs), processing_class=tok,

@@ -22,7 +22,7 @@ from pipeline.config import GenerationEvalConfig
 from pipeline.errors import PipelineError
 from pipeline.evaluation import (flaw_rates, generate_responses, gold_gain, judge, response_logprobs,
                                  sample_responses, with_interval)
-from pipeline.models import MemberStack, load_reward_model
+from pipeline.models import ensemble_members, load_reward_model
 from reward_model.scoring import STATS_FILE, RewardModel
 
 
@@ -88,9 +88,8 @@ def load_scorer(path: str, trust_remote_code: bool, stats: dict, combine: str = 
 def value_model(path: str, trust_remote_code: bool):
     """PPO's value model, started as the reward model: a one-output head, a heads ensemble's the mean of its
     members', an ensemble of separate models its first member."""
-    value, _ = load_reward_model(path, trust_remote_code)
-    if isinstance(value, MemberStack):
-        return value.members[0]
+    members = ensemble_members(path)
+    value, _ = load_reward_model(str(members[0]) if members else path, trust_remote_code)
     head = value.score
     if head.out_features > 1:
         mean = nn.Linear(head.in_features, 1, bias=head.bias is not None)

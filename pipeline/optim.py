@@ -5,10 +5,15 @@ for everything else (embeddings, output layer, norms), as the modded-nanogpt spe
 
 Muon runs with torch's "match_rms_adamw" learning-rate adjustment (Moonshot's "Muon is Scalable for LLM
 Training"): its updates have AdamW's RMS, so the same learning rate, schedule and weight decay serve both.
+
+torch's Muon runs its Newton-Schulz iteration in bf16. A CPU without native bf16 matrix products (AVX2 alone: no
+AVX-512 BF16 or AMX) emulates them some 50x slower than fp32, and the iteration then costs more than the forward and
+backward passes together; there the same update runs in fp32 (`Fp32Muon`).
 """
 from __future__ import annotations
 
 import torch
+from torch.optim._muon import _adjust_lr
 
 from pipeline.errors import PipelineError
 
@@ -31,13 +36,48 @@ def muon_split(model) -> tuple[list, list, list]:
     return muon, adam_decay, adam_no_decay
 
 
+def _newton_schulz_fp32(g: torch.Tensor, coefficients: tuple[float, float, float], steps: int, eps: float):
+    """torch's quintic Newton-Schulz orthogonalisation (torch.optim._muon), in fp32."""
+    a, b, c = coefficients
+    x = g.float() if g.size(0) <= g.size(1) else g.float().T
+    x = x / x.norm().clamp(min=eps)
+    for _ in range(steps):
+        gram = x @ x.T
+        x = torch.addmm(x, torch.addmm(gram, gram, gram, beta=b, alpha=c), x, beta=a)
+    return x if g.size(0) <= g.size(1) else x.T
+
+
+class Fp32Muon(torch.optim.Muon):
+    """torch.optim.Muon's update, state and learning-rate adjustment, with the Newton-Schulz iteration in fp32."""
+
+    @torch.no_grad()
+    def step(self, closure=None):
+        loss = closure() if closure is not None else None
+        for group in self.param_groups:
+            params, grads, bufs = [], [], []
+            self._init_group(group, params, grads, bufs)
+            for p, g, buf in zip(params, grads, bufs):
+                buf.lerp_(g, 1 - group["momentum"])
+                update = g.lerp(buf, group["momentum"]) if group["nesterov"] else buf
+                update = _newton_schulz_fp32(update, group["ns_coefficients"], group["ns_steps"], group["eps"])
+                p.mul_(1 - group["lr"] * group["weight_decay"])
+                p.add_(update.to(p.dtype), alpha=-_adjust_lr(group["lr"], group["adjust_lr_fn"], p.shape))
+        return loss
+
+
+def native_bf16_matmul(device: torch.device) -> bool:
+    """Whether bf16 matrix products run natively on the device: any GPU torch trains on, a CPU with AVX-512 BF16/AMX."""
+    return device.type != "cpu" or torch.ops.mkldnn._is_mkldnn_bf16_supported()
+
+
 class MuonWithAdamW(torch.optim.Optimizer):
     """torch.optim.Muon and a fused torch.optim.AdamW as one optimizer, for the Trainer: its param groups are the
     two inner optimizers' own (the learning-rate schedule reaches both), its state dict holds both."""
 
     def __init__(self, model, lr: float, weight_decay: float, betas=(0.9, 0.999), eps: float = 1e-8):
         muon, decay, no_decay = muon_split(model)
-        self.muon = torch.optim.Muon(muon, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
+        muon_cls = torch.optim.Muon if not muon or native_bf16_matmul(muon[0].device) else Fp32Muon
+        self.muon = muon_cls(muon, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw")
         self.adam = torch.optim.AdamW([{"params": decay, "weight_decay": weight_decay},
                                        {"params": no_decay, "weight_decay": 0.0}], lr=lr, betas=betas, eps=eps,
                                       fused=all(p.device.type in ("cpu", "cuda") for p in decay + no_decay))

@@ -6,7 +6,7 @@ from datasets import Dataset
 from transformers import LlamaConfig, LlamaForCausalLM, Trainer, TrainingArguments, default_data_collator
 
 from pipeline.config import PretrainStageConfig
-from pipeline.optim import MuonWithAdamW, muon_split, trainer_optimizer
+from pipeline.optim import Fp32Muon, MuonWithAdamW, muon_split, trainer_optimizer
 
 
 def tiny_llama(seed: int = 0) -> LlamaForCausalLM:
@@ -40,6 +40,29 @@ def test_one_step_moves_both_kinds_of_weight_and_the_schedule_reaches_both():
     assert "model.layers.0.self_attn.q_proj.weight" in moved and "model.embed_tokens.weight" in moved
     assert "model.norm.weight" in moved
     assert opt.muon.state and opt.adam.state
+
+
+def test_fp32_muon_takes_torchs_muon_step_without_bf16(monkeypatch):
+    """The fp32 iteration is torch's update to within bf16 rounding."""
+    torch.manual_seed(0)
+    weights = [torch.randn(48, 32), torch.randn(32, 80)]  # both orientations: tall and wide
+    grads = [torch.randn_like(w) for w in weights]
+    steps = {}
+    for cls in (torch.optim.Muon, Fp32Muon):
+        params = [torch.nn.Parameter(w.clone()) for w in weights]
+        opt = cls(params, lr=0.02, weight_decay=0.1, adjust_lr_fn="match_rms_adamw")
+        for _ in range(2):  # the second step reads the momentum buffer the first one left
+            for p, g in zip(params, grads):
+                p.grad = g.clone()
+            opt.step()
+        steps[cls] = [p.detach() - w for p, w in zip(params, weights)]
+    for ours, torchs in zip(steps[Fp32Muon], steps[torch.optim.Muon]):
+        assert torch.allclose(ours, torchs, rtol=0.05, atol=0.05 * torchs.abs().mean().item())
+        assert not torch.equal(ours, torchs)  # and it did not run torch's bf16 iteration
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: False)
+    assert type(MuonWithAdamW(tiny_llama(), lr=1e-2, weight_decay=0.0).muon) is Fp32Muon
+    monkeypatch.setattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported", lambda: True)
+    assert type(MuonWithAdamW(tiny_llama(), lr=1e-2, weight_decay=0.0).muon) is torch.optim.Muon
 
 
 def test_the_trainer_resumes_muon_where_it_stopped(tmp_path):

@@ -76,6 +76,10 @@ class TokenizerConfig:
     extra_text: Optional[List[str]] = None
     # Cap on the extra texts used (the first ones of each source, in turn).
     extra_documents: int = 10000
+    # A saved tokenizer to pretrain with instead of training one: a registry reference (pretrain:latest, an entry
+    # id, which becomes the entry's parent), a directory or a hub id. Models pretrained on other seeds then read
+    # text alike, as an ensemble of their reward models needs (reward.ensemble_init). null: train the BPE.
+    path: Optional[str] = None
 
 
 @dataclass
@@ -316,6 +320,9 @@ class PretrainStageConfig(StageConfig):
         super().__post_init__()
         if self.optimizer not in OPTIMIZERS:
             raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.tokenizer.path and self.model.name_or_path:
+            raise ValueError("tokenizer.path is for a model built from scratch: model.name_or_path brings its own "
+                             "tokenizer; set one of them")
 
 
 @dataclass
@@ -372,6 +379,10 @@ class RewardSettings:
     # The share of the pairs a member trains on (heads: of each batch's pairs, drawn for each member): what keeps
     # the members apart where the data does not settle the answer. 1.0: every member sees every pair.
     ensemble_subsample: float = 0.5
+    # One backbone per member (registry references, directories or hub ids), in place of init_from: members that
+    # differ in pretraining, not only in their fine-tuning seed, as Eisenstein et al. ("Helping or Herding?") found
+    # ensembles need. The backbones must share one tokenizer. []: every member starts from init_from.
+    ensemble_init: list[str] = field(default_factory=list)
 
     def __post_init__(self):
         if self.ensemble_size < 1:
@@ -381,6 +392,11 @@ class RewardSettings:
                              f"'{self.ensemble_kind}'")
         if not 0 < self.ensemble_subsample <= 1:
             raise ValueError(f"reward.ensemble_subsample must be in (0, 1], got {self.ensemble_subsample}")
+        if self.ensemble_init and (len(self.ensemble_init) != self.ensemble_size or self.ensemble_kind != "models"):
+            raise ValueError(f"reward.ensemble_init names one backbone per member of an ensemble of separate models: "
+                             f"give {self.ensemble_size} with reward.ensemble_size={self.ensemble_size} and "
+                             f"reward.ensemble_kind=models, got {len(self.ensemble_init)} with "
+                             f"ensemble_kind={self.ensemble_kind}")
 
 
 @dataclass

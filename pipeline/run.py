@@ -147,7 +147,7 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
         registry = Registry(typed.registry.root)
         state = PartialState(cpu=not torch.cuda.is_available())  # gloo across CPU processes
         resolved = inputs(typed, registry)
-        parent_ids = [r.entry.id for r in resolved.values() if r.entry is not None]
+        parent_ids = list(dict.fromkeys(r.entry.id for r in resolved.values() if r.entry is not None))
         entry, resume_from = _open_entry(stage, typed, config, parent_ids, registry, state, resumable)
         shared = [entry, resume_from]
         if state.num_processes > 1:

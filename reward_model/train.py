@@ -9,6 +9,7 @@ members' mean, and their disagreement): K separately trained reward models, each
     make reward ARGS="data=ultrafeedback"                  # a hub preference set (needs a network)
     make reward ARGS="reward.ensemble_size=4"              # an ensemble of 4 models, one entry
     make reward ARGS="reward.ensemble_size=4 reward.ensemble_kind=heads"   # 4 heads on one backbone
+    make reward ARGS="reward.ensemble_size=2 reward.ensemble_init=[sft-A,sft-B]"  # members from their own backbones
 
 init_from -> pairs -> RewardTrainer -> held-out accuracy and margin, score mean/std and each member's (stored with
 the checkpoint for the online methods to normalize rewards), score-length correlation, an ensemble's member
@@ -37,7 +38,9 @@ from pipeline.checkpoint import LOG_HISTORY, last_trainer_checkpoint, save_hf_di
 from pipeline.config import RewardStageConfig, refuse_keys_of_other_stages, register_schemas
 from pipeline.data import load_preference_data
 from pipeline.handoff import check_data_coverage
-from pipeline.models import ENSEMBLE_FILE, MemberStack, count_parameters, load_reward_model, lora_config
+from pipeline.errors import PipelineError
+from pipeline.models import (ENSEMBLE_FILE, MemberStack, count_parameters, load_reward_model, load_tokenizer,
+                             lora_config)
 from pipeline.registry import Registry
 from pipeline.run import StageRun, run_stage
 from pipeline.trainer import trainer_arguments
@@ -47,7 +50,20 @@ register_schemas()
 
 
 def inputs(cfg: RewardStageConfig, registry: Registry) -> dict:
-    return {"init_from": registry.resolve(cfg.init_from)}
+    """The backbone (init_from), or each member's (reward.ensemble_init: member 0's is the init_from the stage
+    loads its tokenizer from); all of them must read text the same way, as one tokenizer feeds the stack."""
+    refs = cfg.reward.ensemble_init or [cfg.init_from]
+    resolved = {"init_from": registry.resolve(refs[0])}
+    resolved.update({f"member_{i}": registry.resolve(ref) for i, ref in enumerate(refs) if i > 0})
+    if len(refs) > 1:
+        vocab = load_tokenizer(resolved["init_from"].path, cfg.trust_remote_code).get_vocab()
+        for i, ref in enumerate(refs[1:], 1):
+            if load_tokenizer(resolved[f"member_{i}"].path, cfg.trust_remote_code).get_vocab() != vocab:
+                raise PipelineError(f"reward.ensemble_init: member {i}'s backbone '{ref}' has a tokenizer other than "
+                                    f"member 0's '{refs[0]}'; an ensemble scores every member on the same tokens, so "
+                                    f"give backbones pretrained with one tokenizer (pretrain with "
+                                    f"tokenizer.path=<member 0's checkpoint>)")
+    return resolved
 
 
 class PairTrainer(RewardTrainer):
@@ -159,10 +175,11 @@ def pair_trainer(run: StageRun, model, tok, train_pairs: list[dict], eval_pairs:
     return trainer
 
 
-def train_members(run: StageRun, model, tok, backbone: str, train_pairs: list[dict],
+def train_members(run: StageRun, model, tok, train_pairs: list[dict],
                   eval_pairs: list[dict]) -> tuple[MemberStack, dict]:
     """An ensemble of separately trained reward models (reward.ensemble_kind=models): member i has seed + i (its
-    head's initialisation and its data order) and its own random share of the pairs, trained for as many passes over
+    head's initialisation and its data order), its own backbone where reward.ensemble_init names one (else
+    init_from's) and its own random share of the pairs, trained for as many passes over
     it as one model makes over all of them; saved in members/<i>/, listed in ensemble.json, scored as one
     MemberStack. A member already saved is kept when the stage is run again; one cut short resumes from its last
     trainer checkpoint."""
@@ -180,11 +197,13 @@ def train_members(run: StageRun, model, tok, backbone: str, train_pairs: list[di
         seed = cfg.seed + i
         if i > 0:  # member 0 is the model loaded above; each other one gets its own head, drawn from its seed
             set_seed(seed)
+            backbone = run.inputs.get(f"member_{i}", run.inputs["init_from"]).path
             model, _ = load_reward_model(backbone, cfg.trust_remote_code, 1)
         pairs = random.Random(seed).sample(train_pairs, max(1, round(len(train_pairs) * share)))
         trainer = pair_trainer(run, model, tok, pairs, eval_pairs, seed=seed, max_steps=steps,
                                trainer_dir=run.trainer_dir / f"member_{i}")
-        run.log(f"member {i}: seed {seed}, {len(pairs)} pairs, {steps} steps")
+        run.log(f"member {i}: seed {seed}, {len(pairs)} pairs, {steps} steps"
+                + (f", from {cfg.reward.ensemble_init[i]}" if cfg.reward.ensemble_init else ""))
         result = trainer.train(resume_from_checkpoint=last_trainer_checkpoint(run.trainer_dir / f"member_{i}"))
         results.append({"train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"],
                         "global_step": result.global_step})  # each member's accuracy is measured with the rest
@@ -209,8 +228,8 @@ def reward(run: StageRun) -> dict:
     separate = cfg.reward.ensemble_kind == "models" and k > 1
 
     # --- model
-    backbone = run.inputs["init_from"].path
-    model, tok = load_reward_model(backbone, cfg.trust_remote_code, 1 if separate else k)  # a new score head
+    model, tok = load_reward_model(run.inputs["init_from"].path, cfg.trust_remote_code,
+                                   1 if separate else k)  # a new score head
 
     # --- data
     train_pairs, eval_pairs = load_preference_data(cfg.data, cfg.seed, run.cache_dir)
@@ -225,7 +244,7 @@ def reward(run: StageRun) -> dict:
 
     # --- train and save
     if separate:
-        scorer, metrics = train_members(run, model, tok, backbone, train_pairs, eval_pairs)
+        scorer, metrics = train_members(run, model, tok, train_pairs, eval_pairs)
     else:
         trainer = pair_trainer(run, model, tok, train_pairs, eval_pairs, members=k)
         result = trainer.train(resume_from_checkpoint=run.resume_from)

@@ -4,6 +4,7 @@
     make pretrain ARGS="experiment=ci"                        # micro sizes
     make pretrain ARGS="data=local data.path=my_corpus.jsonl" # your own text (.txt / .jsonl / .parquet)
     make pretrain NPROC=2 ARGS="experiment=ci"                # two processes (DDP)
+    make pretrain ARGS="seed=1 tokenizer.path=pretrain:latest" # another seed, reading text as the last run did
     accelerate launch -m stages.pretrain trainer.max_steps=500
 
 corpus -> tokenizer -> packed blocks -> Trainer -> held-out loss before and after -> registry entry.
@@ -25,6 +26,7 @@ from pipeline.data import extra_tokenizer_text, load_corpus, non_padding_share, 
 from pipeline.evaluation import copy_rate
 from pipeline.models import build_llama, count_parameters, load_causal_lm, load_tokenizer
 from pipeline.optim import trainer_optimizer
+from pipeline.registry import Registry
 from pipeline.run import StageRun, run_stage
 from pipeline.tokenizer import coverage, train_bpe
 from pipeline.trainer import trainer_arguments
@@ -32,8 +34,12 @@ from pipeline.trainer import trainer_arguments
 register_schemas()
 
 
+def inputs(cfg: PretrainStageConfig, registry: Registry) -> dict:
+    return {"tokenizer": registry.resolve(cfg.tokenizer.path)} if cfg.tokenizer.path else {}
+
+
 def prepare_tokenizer(run: StageRun, train_docs: list[str]):
-    """The model's own tokenizer, or a BPE trained by the main process (on a sample of the corpus and the later
+    """The model's own tokenizer, the one tokenizer.path names, or a BPE trained by the main process (on a sample of the corpus and the later
     stages' text, tokenizer.extra_text) and shared through disk."""
     cfg: PretrainStageConfig = run.cfg
     out = Path(run.entry.path)
@@ -41,6 +47,8 @@ def prepare_tokenizer(run: StageRun, train_docs: list[str]):
         return AutoTokenizer.from_pretrained(out)  # the tokenizer the checkpoint was trained with
     if cfg.model.name_or_path:
         return load_tokenizer(cfg.model.name_or_path, cfg.model.trust_remote_code)
+    if "tokenizer" in run.inputs:
+        return load_tokenizer(run.inputs["tokenizer"].path)
     t = cfg.tokenizer
     sources = t.extra_text if t.extra_text is not None else ["demo"] if cfg.data.kind == "demo" else []
     with run.state.main_process_first():
@@ -128,7 +136,7 @@ def pretrain(run: StageRun) -> dict:
 @hydra.main(version_base="1.3", config_path="../conf", config_name="pretrain")
 def main(cfg: DictConfig) -> float:
     torch.set_float32_matmul_precision("high")
-    return run_stage("pretrain", cfg, pretrain)
+    return run_stage("pretrain", cfg, pretrain, inputs)
 
 
 if __name__ == "__main__":

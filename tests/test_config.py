@@ -163,6 +163,7 @@ def test_unknown_keys_and_wrong_types_are_refused(override, match):
     (["trainer.max_steps=0"], "max_steps"),
     (["model.num_heads=3"], "num_heads"),
     (["resume=sometimes"], "resume"),
+    (["model=hub", "model.name_or_path=x/y", "tokenizer.path=pretrain:latest"], "brings its own tokenizer"),
 ])
 def test_bad_values_are_named(overrides, match):
     with pytest.raises(PipelineError, match=match):

@@ -22,7 +22,7 @@ from pipeline.registry import Registry
 from pipeline.tokenizer import train_bpe
 from reward_model.scoring import RewardModel
 from stages.alignment import BudgetExceeded, Disagreement, EnsembleReward, load_scorer, value_model
-from tests.conftest import compose, copy_registry, env_for, ROOT
+from tests.conftest import ROOT, compose, copy_registry, env_for, run_stages
 
 
 def fixed_head(*rows):
@@ -201,6 +201,7 @@ def test_bad_guard_settings_are_named(overrides, match):
 @pytest.mark.parametrize("override,match", [
     ("reward.ensemble_size=0", "reward.ensemble_size must be at least 1"),
     ("reward.ensemble_kind=stacked", "reward.ensemble_kind must be one of models, heads, got 'stacked'"),
+    ("reward.ensemble_init=[a,b]", "give 1 with reward.ensemble_size=1 .* got 2"),
 ])
 def test_bad_ensemble_settings_are_named(override, match):
     with pytest.raises(PipelineError, match=match):
@@ -267,6 +268,49 @@ def test_overopt_trains_an_ensemble_and_runs_guarded_and_unguarded(ci_fine_tuned
         assert e.metrics["ensemble_std_start"] > 0 and "ensemble_std" in e.metrics
         history = json.loads((Path(e.path) / "ppo_history.json").read_text())
         assert all(Disagreement.KEY in h for h in history["log"]) and len(history["disagreement"]) == 8
+
+
+def test_backbones_that_read_text_differently_are_refused_before_an_entry_is_made(tok, tmp_path):
+    from reward_model.train import inputs
+    other = train_bpe(demo.generate_corpus(300, 1), 380, 128)
+    for name, t in (("a", tok), ("b", tok), ("c", other)):
+        t.save_pretrained(tmp_path / name)
+    registry = Registry(str(tmp_path / "runs"))
+    cfg = compose("reward", ["experiment=ci", "reward.ensemble_size=3",
+                             f"reward.ensemble_init=[{tmp_path / 'a'},{tmp_path / 'b'},{tmp_path / 'c'}]"])
+    with pytest.raises(PipelineError, match=f"member 2's backbone '{tmp_path / 'c'}' has a tokenizer other than"):
+        inputs(cfg, registry)
+    cfg.reward.ensemble_init = [str(tmp_path / "a"), str(tmp_path / "b"), str(tmp_path / "a")]
+    resolved = inputs(cfg, registry)
+    assert [resolved[k].path for k in ("init_from", "member_1", "member_2")] == \
+        [str(tmp_path / n) for n in "aba"]
+    assert registry.entries() == []
+
+
+@pytest.mark.slow
+def test_members_start_from_the_backbones_ensemble_init_names(ci_fine_tuned, tmp_path):
+    """Another pretraining seed on the same tokenizer (tokenizer.path), its SFT, and an ensemble with a member on
+    each backbone: the entry's parents are both SFT entries, and each member's backbone is its own."""
+    home = copy_registry(ci_fine_tuned, tmp_path)
+    registry = Registry(str(home))
+    first_pretrain, first_sft = registry.resolve("pretrain:latest").entry, registry.resolve("sft:latest").entry
+    run_stages(home, ("pretrain",), f"experiment=ci seed=1 tokenizer.path={first_pretrain.id}")
+    second_pretrain = registry.resolve("pretrain:latest").entry
+    assert second_pretrain.parents == [first_pretrain.id]
+    assert second_pretrain.tokenizer_fingerprint == first_pretrain.tokenizer_fingerprint
+    assert second_pretrain.data_fingerprint != first_pretrain.data_fingerprint  # the seed's own corpus
+    run_stages(home, ("sft",), f"experiment=ci eval.num_prompts=4 init_from={second_pretrain.id}")
+    second_sft = registry.resolve("sft:latest").entry
+    run_stages(home, ("reward",), f"experiment=ci reward.ensemble_size=2 "
+                                  f"reward.ensemble_init=[{first_sft.id},{second_sft.id}]")
+    reward = registry.resolve("reward:latest").entry
+    assert reward.parents == [first_sft.id, second_sft.id]
+    key = "model.embed_tokens.weight"  # the reward stage trains it little: each member's stays near its start
+    starts = [load_file(str(Path(e.path) / "model.safetensors"))[key] for e in (first_sft, second_sft)]
+    for i in range(2):
+        member = load_file(str(Path(reward.path) / "members" / str(i) / "model.safetensors"))[key]
+        distances = [(member - start).norm().item() for start in starts]
+        assert distances[i] < distances[1 - i], (i, distances)
 
 
 @pytest.mark.slow

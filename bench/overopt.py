@@ -6,9 +6,10 @@ seeds, with the gold judge watching what the reward model cannot see.
     make overopt ARGS="--methods ppo --seeds 0 --budget 2"   # one method, one seed, twice the default updates
     make overopt ARGS="--scale ci --methods ppo --seeds 0"   # micro sizes (what the test runs)
     make overopt ARGS="--no-kl --lr-scale 3"                 # no KL penalty and a larger step, where gold never falls
+    make overopt ARGS="--policy sft-A --reward reward-B"     # a given start and ensemble
 
-It trains on the registry's latest SFT entry (`make sft` first) and its latest reward entry with an ensemble,
-training one (`make reward ARGS="reward.ensemble_size=4"`) when there is none. Every run checks gold on all its
+It trains on the registry's latest SFT entry (`make sft` first; or --policy) and its latest reward entry with an
+ensemble (or --reward), training one (`make reward ARGS="reward.ensemble_size=4"`) when there is none. Every run checks gold on all its
 held-out prompts every `--every` updates, sampled as its final evaluation samples them, and records the proxy
 reward, KL and the ensemble's disagreement on its rollouts. Per seed and method it finds gold's peak, the first
 update at which gold falls 0.03 below its running peak, the update at which the disagreement warning fired, and
@@ -214,6 +215,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--no-kl", action="store_true", help="no KL penalty (ppo.kl_coef=0, grpo.beta=0)")
     ap.add_argument("--lr-scale", type=float, default=1.0, help="the learning rate, as a multiple of the default")
     ap.add_argument("--scale", default="demo", help="the experiment: demo, or ci for micro sizes")
+    ap.add_argument("--policy", default="sft:latest", help="the SFT start, a registry reference (default: sft:latest)")
+    ap.add_argument("--reward", default=None,
+                    help="the reward ensemble, a registry reference (default: the latest entry with an ensemble)")
     a = ap.parse_args(argv)
     from pipeline.registry import Registry
 
@@ -224,8 +228,8 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     scale = [f"experiment={a.scale}"]
     registry = Registry()
-    sft = registry.resolve("sft:latest").entry  # the error says to run make sft first
-    reward = ensemble_entry(scale, a.members)
+    sft = registry.resolve(a.policy).entry  # the error says to run make sft first
+    reward = registry.resolve(a.reward).entry if a.reward else ensemble_entry(scale, a.members)
     print(f"overopt: policy {sft.id}, reward ensemble {reward.id} ({reward.metrics['ensemble_size']} members)")
     results = []
     for seed in [int(s) for s in a.seeds.split(",")]:

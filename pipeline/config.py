@@ -266,8 +266,12 @@ class PeftConfig:
 @dataclass
 class GenerationEvalConfig:
     # Held-out prompts generated for and scored by the gold judge (demo) after training, and for the
-    # starting model before it.
+    # starting model before it; on a prompt file, the most held out (the online methods and DPO hold out at least
+    # 200, or a third of a small file, whichever is fewer).
     num_prompts: int = 200
+    # Responses sampled to each held-out prompt, by the tuned model and by its start: a small prompt file still gives
+    # a usable interval (the gains are bootstrapped over prompts, each the mean of its k responses).
+    samples_per_prompt: int = 1
     max_new_tokens: int = 96
     # Sampling temperature (0 means greedy decoding). 1.0, as ppo.temperature, so that the SFT model's figures and
     # the online policies' are measured on responses sampled alike, from the model's own distribution: a model's
@@ -276,6 +280,10 @@ class GenerationEvalConfig:
     # Seed of the sampling noise, the same for a model and its start.
     seed: int = 0
     batch_size: int = 50
+
+    def __post_init__(self):
+        if self.samples_per_prompt < 1:
+            raise ValueError(f"eval.samples_per_prompt must be at least 1, got {self.samples_per_prompt}")
 
 
 @dataclass

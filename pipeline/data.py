@@ -269,8 +269,15 @@ def load_rows(cfg: ExampleData, cache_dir: Path) -> tuple[list[dict], str]:
     return ds.to_list(), (f"hub dataset '{cfg.path}'" if cfg.kind == "hub" else str(cfg.path))
 
 
-def split_eval(rows: list, eval_fraction: float, cap: int) -> tuple[list, list]:
-    n_eval = min(cap, max(1, int(len(rows) * eval_fraction)))
+# The held-out prompts the online methods and DPO keep at least (a third of a smaller file): on fewer, their
+# reward gain moves more from one draw of prompts to the next than training moves it.
+HELDOUT_FLOOR = 200
+
+
+def split_eval(rows: list, eval_fraction: float, cap: int, floor: int = 0) -> tuple[list, list]:
+    """(train rows, held-out rows): eval_fraction of the rows, at least `floor` or a third of them (whichever is
+    fewer), at most cap."""
+    n_eval = min(cap, max(1, int(len(rows) * eval_fraction), min(floor, len(rows) // 3)))
     if len(rows) - n_eval < 1:
         raise PipelineError(f"only {len(rows)} usable row(s): too few to hold some out for evaluation")
     return rows[n_eval:], rows[:n_eval]
@@ -322,9 +329,11 @@ def preference_row_problem(row: dict) -> str | None:
     return None
 
 
-def load_preference_data(cfg: PairData, seed: int, cache_dir: Path) -> tuple[list[dict], list[dict]]:
+def load_preference_data(cfg: PairData, seed: int, cache_dir: Path,
+                         floor: int = 0) -> tuple[list[dict], list[dict]]:
     """(train pairs, eval pairs) in TRL's preference format; the demo's eval pairs use held-out prompts, and name
-    the flaw class of their rejected response (`flaw`), for per-class accuracies."""
+    the flaw class of their rejected response (`flaw`), for per-class accuracies. A file's held-out share keeps
+    `floor` pairs (split_eval)."""
     if cfg.kind == "demo":
         keep = ("prompt", "chosen", "rejected")
         shares = dict(cfg.flaw_shares)
@@ -339,7 +348,7 @@ def load_preference_data(cfg: PairData, seed: int, cache_dir: Path) -> tuple[lis
     if any((r.get("prompt") is not None) != explicit for r in rows):
         raise PipelineError(f"{where} mixes pairs with and without 'prompt'; use one format")
     keys = ("prompt", "chosen", "rejected") if explicit else ("chosen", "rejected")
-    return split_eval([{k: r[k] for k in keys} for r in rows], cfg.eval_fraction, cfg.max_eval_examples)
+    return split_eval([{k: r[k] for k in keys} for r in rows], cfg.eval_fraction, cfg.max_eval_examples, floor)
 
 
 def prompt_row_problem(row: dict) -> str | None:
@@ -357,12 +366,14 @@ def demo_heldout_prompts(n: int, seed: int) -> list[dict]:
 
 
 def load_prompt_data(cfg: PromptData, seed: int, cache_dir: Path, n_eval: int) -> tuple[list[dict], list[dict]]:
-    """(train prompts, held-out prompts) as conversational `prompt` lists; demo rows also carry their task."""
+    """(train prompts, held-out prompts) as conversational `prompt` lists; demo rows also carry their task. A file
+    keeps HELDOUT_FLOOR prompts (or a third of a small one) held out, at most n_eval."""
     if cfg.kind == "demo":
         return demo.generate_prompts(cfg.num_examples, seed, heldout=False), demo_heldout_prompts(n_eval, seed)
     raw, where = load_rows(cfg, cache_dir)
     rows, _ = clean_rows(raw, prompt_row_problem, where, cfg.skip_bad_rows)
-    return split_eval([{"prompt": as_conversation(r["prompt"])} for r in rows], cfg.eval_fraction, n_eval)
+    return split_eval([{"prompt": as_conversation(r["prompt"])} for r in rows], cfg.eval_fraction, n_eval,
+                      HELDOUT_FLOOR)
 
 
 def as_conversation(prompt: str | list[dict]) -> list[dict]:

@@ -101,11 +101,17 @@ def paired_bootstrap(before: list[float], after: list[float], level: float = 0.9
     return float(diff.mean()), float(low), float(high)
 
 
-def gold_gain(before: list[float], after: list[float]) -> dict[str, float]:
-    """gold_gain with its paired bootstrap 95% interval, from per-prompt gold scores of the start and the
-    trained model on the same held-out prompts."""
-    gain, low, high = paired_bootstrap(before, after)
-    return {"gold_gain": gain, "gold_gain_ci_low": low, "gold_gain_ci_high": high}
+# Held-out prompts below which an evaluation's gains cannot support a conclusion: the log and the report say so.
+MIN_EVAL_PROMPTS = 30
+
+
+def gain(name: str, before: list[float], after: list[float], per_prompt: int = 1) -> dict[str, float]:
+    """NAME (the mean of after - before) with its paired bootstrap 95% interval (NAME_ci_low, NAME_ci_high), from
+    the scores of the start and the trained model on the same held-out prompts; with per_prompt responses to each
+    prompt (consecutive), the prompts are what is resampled, each the mean of its responses."""
+    by_prompt = lambda xs: [sum(xs[i:i + per_prompt]) / per_prompt for i in range(0, len(xs), per_prompt)]
+    mean, low, high = paired_bootstrap(by_prompt(before), by_prompt(after))
+    return {name: mean, f"{name}_ci_low": low, f"{name}_ci_high": high}
 
 
 def with_interval(metrics: dict, key: str) -> str:

@@ -18,7 +18,7 @@ from pathlib import Path
 
 from pipeline.compare import write_comparison
 from pipeline.errors import PipelineError
-from pipeline.evaluation import with_interval
+from pipeline.evaluation import MIN_EVAL_PROMPTS, with_interval
 from pipeline.registry import ALIGNMENT_STAGES, STAGES, Entry, Registry
 from pipeline.checkpoint import LOG_HISTORY
 
@@ -27,10 +27,10 @@ SUMMARY_METRICS = {
     "pretrain": ("initial_eval_loss", "eval_loss", "perplexity"),
     "sft": ("eval_loss", "baseline_gold_score", "gold_score", "gold_gain"),
     "reward": ("eval_accuracy", "eval_margin", "score_std", "ensemble_size", "eval_disagreement"),
-    **{stage: ("baseline_reward_mean", "reward_mean", "baseline_gold_score", "gold_score", "gold_gain", "kl",
-               "baseline_ensemble_std", "ensemble_std", "disagreement_warning_step")
+    **{stage: ("baseline_reward_mean", "reward_mean", "reward_gain", "baseline_gold_score", "gold_score", "gold_gain",
+               "eval_prompts", "kl", "baseline_ensemble_std", "ensemble_std", "disagreement_warning_step")
        for stage in ("ppo", "grpo", "rloo")},
-    "dpo": ("implicit_reward_accuracy", "baseline_gold_score", "gold_score", "gold_gain", "kl"),
+    "dpo": ("implicit_reward_accuracy", "baseline_gold_score", "gold_score", "gold_gain", "eval_prompts", "kl"),
 }
 # What the online alignment stages log, per update: (reward, KL to the start).
 CURVES = {"ppo": ("objective/scores", "objective/kl"), "grpo": ("reward", "kl"), "rloo": ("reward", "kl")}
@@ -201,6 +201,10 @@ def write_report(registry: Registry, pipeline_id: str) -> Path:
             lines += ["Parents: " + ", ".join(f"`{p}`" for p in e.parents), ""]
         if e.note:
             lines += [f"Note: {e.note}", ""]
+        if e.metrics.get("eval_prompts", MIN_EVAL_PROMPTS) < MIN_EVAL_PROMPTS:
+            lines += [f"**{e.metrics['eval_prompts']} held-out prompts: too few for its reward or gold gain to support "
+                      f"a conclusion either way.** Hold out more prompts, or answer each several times "
+                      f"(`eval.samples_per_prompt`).", ""]
         if e.metrics:
             lines += ["| metric | value |", "|---|---|"]
             lines += [f"| {k} | {v:.4g} |" if isinstance(v, float) else f"| {k} | {v} |"

@@ -20,7 +20,7 @@ from transformers import TrainerCallback
 from pipeline import demo
 from pipeline.config import GenerationEvalConfig
 from pipeline.errors import PipelineError
-from pipeline.evaluation import (flaw_rates, generate_responses, gold_gain, judge, response_logprobs,
+from pipeline.evaluation import (MIN_EVAL_PROMPTS, flaw_rates, gain, generate_responses, judge, response_logprobs,
                                  sample_responses, with_interval)
 from pipeline.models import ensemble_members, load_reward_model
 from reward_model.scoring import STATS_FILE, RewardModel
@@ -273,15 +273,21 @@ def evaluate_against_start(run, model, start, tok, rm: RewardModel | None, rows:
         run.warn("no held-out prompts to evaluate on (pairs without a prompt field): the entry has no "
                  "figures of the tuned model's responses")
         return {}
-    after, samples = evaluate_policy(model, start, tok, rm, rows, gen, judged, f"Scoring the {name} model")
-    baseline, base_samples = evaluate_policy(start, start, tok, rm, rows, gen, judged,
+    k = gen.samples_per_prompt
+    answered = [r for r in rows for _ in range(k)]  # each prompt's k responses together
+    after, samples = evaluate_policy(model, start, tok, rm, answered, gen, judged, f"Scoring the {name} model")
+    baseline, base_samples = evaluate_policy(start, start, tok, rm, answered, gen, judged,
                                              f"Scoring its start ({before})")
-    metrics = {**after, **{f"baseline_{k}": v for k, v in baseline.items()}}
+    metrics = {**after, **{f"baseline_{key}": v for key, v in baseline.items()},
+               "eval_prompts": len(rows), "eval_samples_per_prompt": k}
+    if rm:
+        metrics.update(gain("reward_gain", [s["reward"] for s in base_samples], [s["reward"] for s in samples], k))
     if judged:
-        metrics.update(gold_gain([s["gold"] for s in base_samples], [s["gold"] for s in samples]))
+        metrics.update(gain("gold_gain", [s["gold"] for s in base_samples], [s["gold"] for s in samples], k))
     write_samples(run, before, base_samples, samples)
-    reward = (f"reward {metrics['baseline_reward_mean']:.3f} -> {metrics['reward_mean']:.3f}; "
-              if rm else "")
+    reward = (f"reward {metrics['baseline_reward_mean']:.3f} -> {metrics['reward_mean']:.3f} (gain "
+              f"{with_interval(metrics, 'reward_gain')}, 95%, {len(rows)} held-out prompts"
+              f"{f' x {k} responses' if k > 1 else ''}); " if rm else "")
     if "ensemble_std" in metrics:
         reward += (f"reward ensemble's disagreement {metrics['baseline_ensemble_std']:.3f} -> "
                    f"{metrics['ensemble_std']:.3f}; ")
@@ -289,6 +295,10 @@ def evaluate_against_start(run, model, start, tok, rm: RewardModel | None, rows:
             f"{with_interval(metrics, 'gold_gain')}, 95%, {len(rows)} held-out prompts); " if judged else "")
     run.log(f"{before} -> {run.stage}: {reward}{gold}KL {metrics['kl']:.3f}; length "
             f"{metrics['response_length']:.1f}; eos rate {metrics['eos_rate']:.2f}")
+    if len(rows) < MIN_EVAL_PROMPTS:
+        run.warn(f"only {len(rows)} held-out prompts: too few for the reward or gold gain to support a conclusion "
+                 f"either way (its interval shows how little they pin down). Hold out more prompts (data.eval_fraction, "
+                 f"with eval.num_prompts at least as many), or answer each several times (eval.samples_per_prompt)")
     if judged:
         run.log(f"flaw rates {before} -> {run.stage}: " + ", ".join(
             f"{c} {metrics[f'baseline_flaw_rate/{c}']:.3f} -> {metrics[f'flaw_rate/{c}']:.3f}" for c in demo.FLAWS))

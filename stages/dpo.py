@@ -20,7 +20,7 @@ from trl import DPOConfig, DPOTrainer
 from pipeline.callbacks import standard_callbacks
 from pipeline.checkpoint import save_hf_directory, unwrapped
 from pipeline.config import DPOStageConfig, refuse_keys_of_other_stages, register_schemas
-from pipeline.data import demo_heldout_prompts, load_preference_data
+from pipeline.data import HELDOUT_FLOOR, demo_heldout_prompts, load_preference_data
 from pipeline.handoff import check_data_coverage
 from pipeline.models import load_causal_lm, lora_config
 from pipeline.registry import Registry
@@ -53,7 +53,7 @@ def dpo(run: StageRun) -> dict:
     reference, _ = load_causal_lm(start.path, cfg.trust_remote_code)
 
     # --- data
-    train_pairs, eval_pairs = load_preference_data(cfg.data, cfg.seed, run.cache_dir)
+    train_pairs, eval_pairs = load_preference_data(cfg.data, cfg.seed, run.cache_dir, HELDOUT_FLOOR)
     for p in eval_pairs:
         p.pop("flaw", None)  # the demo's class of the rejected response: not a column TRL knows
     run.record_fingerprints(train_pairs, tok)

@@ -88,7 +88,7 @@ def new_entries(home: Path, before: set) -> list[dict]:
 def test_dpo_from_sft_and_its_bad_pairs(ci_fine_tuned, tmp_path):
     home = copy_registry(ci_fine_tuned, tmp_path)
     [sft] = registry_entries(home, "sft")
-    r = make("dpo", home, TINY)
+    r = make("dpo", home, f"{TINY} eval.samples_per_prompt=2")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     [e] = registry_entries(home, "dpo")
     assert e["status"] == "complete" and e["parents"] == [sft["id"]]
@@ -99,7 +99,12 @@ def test_dpo_from_sft_and_its_bad_pairs(ci_fine_tuned, tmp_path):
     assert m["kl"] != 0 and m["baseline_kl"] == 0
     assert 0 <= m["implicit_reward_accuracy"] <= 1 and "reward_mean" not in m  # no reward model involved
     rows = [json.loads(l) for l in open(Path(e["path"]) / "samples.jsonl")]
-    assert len(rows) == 8 and {"sft", "dpo", "sft_gold", "dpo_gold"} <= set(rows[0])
+    # each of the 8 held-out prompts answered twice by each model, side by side; the gain is over the 8 prompts
+    assert len(rows) == 16 and {"sft", "dpo", "sft_gold", "dpo_gold"} <= set(rows[0])
+    assert rows[0]["prompt"] == rows[1]["prompt"] != rows[2]["prompt"]
+    assert m["eval_prompts"] == 8 and m["eval_samples_per_prompt"] == 2
+    per_prompt = [sum(r["dpo_gold"] - r["sft_gold"] for r in rows[i:i + 2]) / 2 for i in range(0, 16, 2)]
+    assert m["gold_gain"] == pytest.approx(sum(per_prompt) / 8)
     # a pairs file with a missing field: named with its row, exit 2, nothing complete, the SFT entry untouched
     pairs = tmp_path / "pairs.jsonl"
     good = {"prompt": "Is tea good?", "chosen": "Yes.", "rejected": "No."}

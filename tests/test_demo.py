@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from pipeline import demo
-from pipeline.evaluation import copy_rate, gold_gain, paired_bootstrap
+from pipeline.evaluation import copy_rate, gain, paired_bootstrap
 
 
 def test_generators_are_deterministic_from_the_seed():
@@ -220,5 +220,16 @@ def test_paired_bootstrap_interval_matches_the_known_answer():
 def test_gold_gain_names_its_interval():
     # gains 1, 0, 0, 1: a resample of 4 is all zeros (or all ones) with probability 1/16 > 2.5%, so the
     # interval runs from 0 to 1
-    m = gold_gain([0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 1.0])
+    m = gain("gold_gain", [0.0, 0.0, 1.0, 0.0], [1.0, 0.0, 1.0, 1.0])
     assert m == pytest.approx({"gold_gain": 0.5, "gold_gain_ci_low": 0.0, "gold_gain_ci_high": 1.0})
+
+
+def test_several_responses_to_a_prompt_are_resampled_together():
+    # two prompts, three responses each: per prompt the gains are 1 and 0 (means of 1,1,1 and 0,0,0), so a
+    # resample is all ones or all zeros with probability 1/4 each, and the interval is [0, 1]; resampling the six
+    # responses on their own would give a narrower one
+    before, after = [0.0] * 6, [1.0, 1.0, 1.0, 0.0, 0.0, 0.0]
+    m = gain("reward_gain", before, after, per_prompt=3)
+    assert m == pytest.approx({"reward_gain": 0.5, "reward_gain_ci_low": 0.0, "reward_gain_ci_high": 1.0})
+    single = gain("reward_gain", before, after)
+    assert single["reward_gain_ci_high"] - single["reward_gain_ci_low"] < 1.0

@@ -124,6 +124,8 @@ def test_ppo_runs_after_sft_and_reward_with_both_parents(home, ci_fine_tuned, tm
               "eos_rate"):
         assert k in m
     assert m["ppo_steps"] == 4
+    # 16 held-out prompts: the figure is given, and said to be too few to conclude from
+    assert m["eval_prompts"] == 16 and "only 16 held-out prompts: too few for the reward or gold gain" in r.stdout
     import json, os
     history = json.load(open(os.path.join(e["path"], "ppo_history.json")))
     assert len(history["log"]) == 4 and [g["step"] for g in history["gold"]] == [2, 4]
@@ -136,15 +138,22 @@ def test_ppo_runs_after_sft_and_reward_with_both_parents(home, ci_fine_tuned, tm
     r = make("ppo", home, f"{TINY} trainer.max_steps=4")
     assert r.returncode == 0 and f"{dead.id} cannot be resumed" in r.stdout
     assert reg.get(dead.id).status == "failed"
-    # prompts of the user's own that begin like the demo's: the demo's judge is not run on them, nothing crashes
+    # a file of 120 prompts of the user's own, that begin like the demo's: the demo's judge is not run on them,
+    # nothing crashes; a third of them is held out (not data.eval_fraction's 2), and the reward gain over the start
+    # comes with its interval and the number of prompts it rests on
     prompts = tmp_path / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps({"prompt": p}) for p in [
+    prompts.write_text("\n".join(json.dumps({"prompt": f"{p} ({i})"}) for i, p in enumerate([
         "Write a short story about Tom and a red cat at the park.", "Summarize the story in one sentence.",
         "Read the story and answer the question. Who is Tom?",
-        "Is this sentence positive or negative? I like tea."] * 10))
-    r = make("ppo", home, f"{TINY} trainer.max_steps=2 trainer.per_device_train_batch_size=4 data=local "
-                          f"data.path={prompts} data.eval_fraction=0.2")
+        "Is this sentence positive or negative? I like tea."] * 30)))
+    r = make("ppo", home, f"experiment=ci ppo.gold_every=0 trainer.max_steps=2 trainer.per_device_train_batch_size=4 "
+                          f"data=local data.path={prompts} eval.num_prompts=200")
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     local = [e for e in registry_entries(home, "ppo") if e["config"]["data"]["kind"] == "file"]
     assert [e["status"] for e in local] == ["complete"]
-    assert "reward_mean" in local[0]["metrics"] and not {"gold_score", "baseline_gold_score"} & set(local[0]["metrics"])
+    m = local[0]["metrics"]
+    assert "reward_mean" in m and not {"gold_score", "baseline_gold_score"} & set(m)
+    assert m["eval_prompts"] == 40 and "80 training prompts, 40 held-out prompts" in r.stdout
+    assert m["reward_gain_ci_low"] <= m["reward_gain"] <= m["reward_gain_ci_high"]
+    assert m["reward_gain"] == pytest.approx(m["reward_mean"] - m["baseline_reward_mean"], abs=1e-6)
+    assert "too few for the reward or gold gain" not in r.stdout

@@ -1,6 +1,7 @@
 # One target per stage; each installs first when .venv is missing or out of date.
 #   make pretrain | sft | reward | ppo | dpo | grpo | rlhf | all     ARGS="hydra overrides"  NPROC=N  ACCELERATE_CONFIG=file
 #   make chat MODEL=ppo:latest                                        talk to a checkpoint
+#   make eval MODEL=ppo:latest [TASKS=t1,t2]                          lm-eval benchmarks, recorded on the entry
 #   make test | test-all | bench | install                TORCH=torch (a CUDA build) on a GPU machine
 
 SHELL := /bin/bash
@@ -37,9 +38,15 @@ endif
 # Hydra takes -m (--multirun) only before the overrides: move it there wherever ARGS has it.
 STAGE_ARGS = $(filter -m --multirun,$(ARGS)) $(filter-out -m --multirun,$(ARGS))
 
-.PHONY: install pretrain sft reward ppo dpo grpo rlhf all chat compare report test test-all test-faults bench overopt registry clean-venv
+.PHONY: install pretrain sft reward ppo dpo grpo rlhf all chat eval compare report test test-all test-faults bench overopt registry clean-venv
 
 install: $(STAMP)
+
+# The [eval] extra (lm-eval), for make eval and the whole test suite.
+EVAL_STAMP := $(VENV)/.installed-eval
+$(EVAL_STAMP): $(STAMP)
+	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,eval]"
+	touch $(EVAL_STAMP)
 
 $(STAMP): pyproject.toml Makefile
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -82,6 +89,13 @@ MODEL ?= ppo:latest
 chat: install
 	$(PY) -m pipeline.chat --model $(MODEL) $(ARGS)
 
+# Standard benchmarks through lm-evaluation-harness on a checkpoint, recorded on its entry: MODEL=ppo:latest,
+# TASKS=t1,t2 (default: the demo's own tasks, offline), LIMIT=N items per task (python -m pipeline.evaluate --help).
+TASKS ?= demo
+LIMIT ?=
+eval: $(EVAL_STAMP)
+	$(PY) -m pipeline.evaluate --model $(MODEL) --tasks $(TASKS) $(if $(LIMIT),--limit $(LIMIT)) $(ARGS)
+
 # The alignment entries tuned from one SFT entry, side by side: SFT=sft:latest (a table and gold_by_method.png).
 SFT ?= sft:latest
 compare: install
@@ -99,7 +113,7 @@ test: install
 	$(PY) -m pytest -q -m "not slow and not faults" -n $(TEST_WORKERS) $(PYTEST_ARGS)
 
 # The whole suite: every stage run for real at micro sizes, the pipeline end to end (what CI runs).
-test-all: install
+test-all: $(EVAL_STAMP)
 	$(PY) -m pytest -q -m "not faults" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
 # Fault injection: stages killed at random points, the registry checked after each (a few minutes).

@@ -145,3 +145,30 @@ def test_cli_list_json_has_the_contract_fields(tmp_path):
     out = subprocess.run([PY, "-m", "pipeline.registry", "show", "ppo"], cwd=ROOT, env=env_for(tmp_path),
                          capture_output=True, text=True)
     assert out.returncode == 2 and "make ppo" in out.stderr
+
+
+def test_an_evaluation_replaces_its_earlier_self_and_nothing_else(tmp_path):
+    reg = Registry(tmp_path)
+    e = finished(reg, eval_loss=2.0)
+    row = lambda task, value, limit=None: {"task": task, "metric": "acc", "value": value, "stderr": 0.1,
+                                           "num_fewshot": 0, "limit": limit, "lm_eval_version": "0.4",
+                                           "task_version": 1.0, "created_at": "t"}
+    reg.record_evaluations(e.id, [row("a", 0.5), row("b", 0.6)])
+    reg.record_evaluations(e.id, [row("a", 0.7), row("a", 0.9, limit=10)])
+    got = reg.get(e.id)
+    assert sorted((r["task"], r["value"], r["limit"]) for r in got.evaluations) == \
+        [("a", 0.7, None), ("a", 0.9, 10), ("b", 0.6, None)]
+    assert got.status == "complete" and got.metrics == {"eval_loss": 2.0}  # the training record untouched
+
+
+def test_an_index_from_before_a_new_column_gains_it(tmp_path):
+    reg = Registry(tmp_path)
+    e = finished(reg, eval_loss=2.0)
+    con = sqlite3.connect(reg.db_path)
+    con.execute("ALTER TABLE entries DROP COLUMN evaluations")  # the index as an older version wrote it
+    con.commit()
+    con.close()
+    assert reg.get(e.id).evaluations == []
+    reg.record_evaluations(e.id, [{"task": "a", "metric": "acc", "value": 1.0, "stderr": None, "num_fewshot": 0,
+                                   "limit": None, "lm_eval_version": "0.4", "task_version": 1.0, "created_at": "t"}])
+    assert [r["task"] for r in reg.get(e.id).evaluations] == ["a"] and reg.get(e.id).metrics == {"eval_loss": 2.0}

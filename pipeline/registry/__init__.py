@@ -10,6 +10,7 @@ an entry id, a checkpoint path, or a hub id. Only complete entries resolve.
 """
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import os
@@ -89,6 +90,9 @@ class Entry:
     host: Optional[str] = None
     pid: Optional[int] = None
     note: Optional[str] = None
+    # lm-evaluation-harness results on this checkpoint (python -m pipeline.evaluate): task, metric, value, stderr,
+    # num_fewshot, limit, lm_eval_version, task_version, created_at; never part of its training metrics.
+    evaluations: list = field(default_factory=list)
 
     def owner_alive(self) -> bool:
         if self.status != "running" or self.host != socket.gethostname() or not self.pid:
@@ -110,7 +114,10 @@ class Resolved:
 
 
 _COLUMNS = [f for f in Entry.__dataclass_fields__]
-_JSON_COLUMNS = {"parents", "metrics", "config", "versions"}
+# named in every statement: an index made before a column was added holds them in another order
+_NAMES, _SLOTS = ", ".join(_COLUMNS), ", ".join("?" * len(_COLUMNS))
+_JSON_COLUMNS = {"parents", "metrics", "config", "versions", "evaluations"}
+_LIST_COLUMNS = {"parents", "evaluations"}
 
 
 class Registry:
@@ -134,6 +141,12 @@ class Registry:
                 time.sleep(0.05)
         cols = ", ".join(f"{c} TEXT" if c != "id" else "id TEXT PRIMARY KEY" for c in _COLUMNS)
         con.execute(f"CREATE TABLE IF NOT EXISTS entries ({cols})")
+        # an index written before a column was added to Entry gets it (empty), appended as Entry appends it
+        present = {row[1] for row in con.execute("PRAGMA table_info(entries)")}
+        for c in _COLUMNS:
+            if c not in present:
+                with contextlib.suppress(sqlite3.OperationalError):  # another process added it first
+                    con.execute(f"ALTER TABLE entries ADD COLUMN {c} TEXT")
         return con
 
     @staticmethod
@@ -146,7 +159,7 @@ class Registry:
     def _entry(row) -> Entry:
         d = dict(zip(_COLUMNS, row))
         for c in _JSON_COLUMNS:
-            d[c] = json.loads(d[c]) if d[c] else ({} if c != "parents" else [])
+            d[c] = json.loads(d[c]) if d[c] else ([] if c in _LIST_COLUMNS else {})
         d["pid"] = int(d["pid"]) if d["pid"] else None
         return Entry(**d)
 
@@ -160,7 +173,7 @@ class Registry:
         con = self._connect()
         try:
             con.execute("BEGIN IMMEDIATE")
-            con.execute(f"INSERT OR REPLACE INTO entries VALUES ({', '.join('?' * len(_COLUMNS))})",
+            con.execute(f"INSERT OR REPLACE INTO entries ({_NAMES}) VALUES ({_SLOTS})",
                         self._row(entry))
             con.execute("COMMIT")
         finally:
@@ -194,6 +207,14 @@ class Registry:
     def complete(self, entry: Entry, metrics: dict) -> Entry:
         return self.update(entry, status="complete", metrics={**entry.metrics, **metrics}, finished_at=now())
 
+    def record_evaluations(self, entry_id: str, results: list[dict]) -> Entry:
+        """Add evaluation results to an entry, each replacing an earlier one of the same task, metric, few-shot
+        count and limit; the rest of the entry is read afresh and left as it is."""
+        key = lambda r: (r["task"], r["metric"], r["num_fewshot"], r["limit"])
+        entry = self.get(entry_id)
+        new = {key(r) for r in results}
+        return self.update(entry, evaluations=[r for r in entry.evaluations if key(r) not in new] + results)
+
     def fail(self, entry: Entry, note: str) -> Entry:
         return self.update(entry, status="failed", note=note[:2000], finished_at=now())
 
@@ -204,9 +225,9 @@ class Registry:
         con = self._connect()
         try:
             if stage:
-                rows = con.execute("SELECT * FROM entries WHERE stage = ? ORDER BY created_at", (stage,))
+                rows = con.execute(f"SELECT {_NAMES} FROM entries WHERE stage = ? ORDER BY created_at", (stage,))
             else:
-                rows = con.execute("SELECT * FROM entries ORDER BY created_at")
+                rows = con.execute(f"SELECT {_NAMES} FROM entries ORDER BY created_at")
             return [self._entry(r) for r in rows.fetchall()]
         finally:
             con.close()
@@ -289,7 +310,7 @@ class Registry:
         try:
             con.execute("BEGIN IMMEDIATE")
             con.execute("DELETE FROM entries")
-            con.executemany(f"INSERT INTO entries VALUES ({', '.join('?' * len(_COLUMNS))})",
+            con.executemany(f"INSERT INTO entries ({_NAMES}) VALUES ({_SLOTS})",
                             [self._row(e) for e in entries])
             con.execute("COMMIT")
         finally:

@@ -7,8 +7,9 @@ Muon runs with torch's "match_rms_adamw" learning-rate adjustment (Moonshot's "M
 Training"): its updates have AdamW's RMS, so the same learning rate, schedule and weight decay serve both.
 
 torch's Muon runs its Newton-Schulz iteration in bf16. A CPU without native bf16 matrix products (AVX2 alone: no
-AVX-512 BF16 or AMX) emulates them some 50x slower than fp32, and the iteration then costs more than the forward and
-backward passes together; there the same update runs in fp32 (`Fp32Muon`).
+AVX-512 BF16 or AMX) emulates them far slower than fp32, and the iteration then costs more than the forward and
+backward passes together; there the same update runs in fp32 (`Fp32Muon`; docs/results.md, "Muon's Newton-Schulz
+iteration in fp32").
 """
 from __future__ import annotations
 

@@ -79,9 +79,13 @@ rlhf: reward ppo
 # The whole pipeline as one run: every stage under one PIPELINE_ID (its wandb group), each finding its
 # input in the registry, then the summary table and the report (PIPELINE_HOME/pipelines/PIPELINE_ID/).
 # STAGES="pretrain sft reward ppo dpo grpo rloo" adds the other alignment methods, compared in the report.
+# BENCHMARKS=demo (or lm-eval task names) evaluates every model of the run on them before the report: the
+# alignment tax, in the report's benchmark table.
 STAGES ?= pretrain sft reward ppo
-all: install
-	$(PY) -m pipeline.all --launch "$(LAUNCH)" --stages "$(STAGES)" -- $(ARGS)
+BENCHMARKS ?=
+all: install $(if $(BENCHMARKS),$(EVAL_STAMP))
+	$(PY) -m pipeline.all --launch "$(LAUNCH)" --stages "$(STAGES)" $(if $(BENCHMARKS),--benchmarks $(BENCHMARKS)) \
+		-- $(ARGS)
 
 # Talk to a checkpoint: MODEL=ppo:latest (a registry reference, a directory or a hub id); ARGS="--prompt ..." for one
 # answer, ARGS="--prompts in.jsonl --out out.jsonl" for a file of prompts (python -m pipeline.chat --help).

@@ -3,11 +3,16 @@ their wandb group), each finding its input in the registry; then the run's repor
 
     python -m pipeline.all --launch "accelerate launch --num_processes 1 -m" -- experiment=ci
     python -m pipeline.all --stages "pretrain sft reward ppo dpo grpo rloo" -- experiment=ci   (make all STAGES=...)
+    python -m pipeline.all --benchmarks demo                                                  (make all BENCHMARKS=...)
 
 The overrides after `--` go to every stage that has their key (a pretraining one, such as model=medium or
 tokenizer.vocab_size=8192, to pretraining alone). A stage that fails stops the pipeline, named, with its exit status;
 the stages before it stay complete in the registry, and each later one can be run on its own (`make sft`, ...):
 it finds its input there, and an unfinished run resumes from its last trainer checkpoint.
+
+--benchmarks TASKS evaluates every model of the run (pretrained, SFT, each alignment stage) on the same lm-eval
+tasks before the report, whose table then shows what each stage cost on them (pipeline/evaluate.py). An evaluation
+that fails leaves the run's entries as they are; the report is written, and the exit status is the evaluation's.
 """
 from __future__ import annotations
 
@@ -33,9 +38,9 @@ def new_pipeline_id() -> str:
 
 
 def run_pipeline(launch: list[str], overrides: list[str], env: dict | None = None, runner=subprocess.call,
-                 stages: tuple[str, ...] = DEFAULT_STAGES) -> int:
-    """Each stage as `launch + [module] + overrides`, in order, under one PIPELINE_ID; then the report.
-    Returns 0, or the exit status of the first stage that failed."""
+                 stages: tuple[str, ...] = DEFAULT_STAGES, benchmarks: str | None = None) -> int:
+    """Each stage as `launch + [module] + overrides`, in order, under one PIPELINE_ID; then, with benchmarks,
+    lm-eval's tasks on each model; then the report. Returns 0, or the exit status of the first step that failed."""
     unknown = [s for s in stages if s not in STAGES]
     if unknown:
         print(f"error: unknown stage(s) {unknown}; the stages are {', '.join(STAGES)}", file=sys.stderr)
@@ -57,8 +62,17 @@ def run_pipeline(launch: list[str], overrides: list[str], env: dict | None = Non
                   file=sys.stderr, flush=True)
             return status
     roots = [o.split("=", 1)[1] for o in overrides if o.lstrip("+").startswith("registry.root=")]
-    return runner([sys.executable, "-m", "pipeline.report", env["PIPELINE_ID"], *(["--root", roots[-1]] if roots else [])],
-                  env=env)
+    evaluated = 0
+    if benchmarks:
+        evaluated = runner([sys.executable, "-m", "pipeline.evaluate", "--pipeline", env["PIPELINE_ID"],
+                            "--tasks", benchmarks], env={**env, **({"PIPELINE_HOME": roots[-1]} if roots else {})})
+        if evaluated:
+            print(f"error: the benchmarks ({benchmarks}) stopped with exit status {evaluated}; the run's entries "
+                  f"are as the stages left them. Rerun them with python -m pipeline.evaluate --pipeline "
+                  f"{env['PIPELINE_ID']} --tasks {benchmarks}", file=sys.stderr, flush=True)
+    report = runner([sys.executable, "-m", "pipeline.report", env["PIPELINE_ID"], *(["--root", roots[-1]] if roots else [])],
+                    env=env)
+    return report or evaluated
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -67,9 +81,13 @@ def main(argv: list[str] | None = None) -> int:
                         help="the command that runs a stage module, up to its name (default: this python -m)")
     parser.add_argument("--stages", default=" ".join(DEFAULT_STAGES),
                         help=f"the stages to run, in order (of: {', '.join(STAGES)}; default: %(default)s)")
+    parser.add_argument("--benchmarks", default=None, metavar="TASKS",
+                        help="lm-eval tasks to evaluate every model of the run on before the report (demo: the "
+                             "demo's own, offline; needs the [eval] extra)")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides for every stage (after --)")
     args = parser.parse_args(argv)
-    return run_pipeline(shlex.split(args.launch), args.overrides, stages=tuple(args.stages.split()))
+    return run_pipeline(shlex.split(args.launch), args.overrides, stages=tuple(args.stages.split()),
+                        benchmarks=args.benchmarks)
 
 
 if __name__ == "__main__":

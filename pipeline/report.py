@@ -6,7 +6,8 @@
 A pipeline run is what `make all` starts under one PIPELINE_ID: its entries carry that id. The report goes
 to <registry root>/pipelines/<PIPELINE_ID>/: report.md, loss_<stage>.png, <stage>_curves.png for the online
 alignment stages, gold_by_method.png and the comparison table when the run tuned its SFT model with more than
-one alignment method, summary.txt.
+one alignment method, benchmarks.png and the benchmark table when its models were evaluated (pipeline.evaluate),
+summary.txt.
 """
 from __future__ import annotations
 
@@ -18,8 +19,9 @@ from pathlib import Path
 
 from pipeline.compare import write_comparison
 from pipeline.errors import PipelineError
+from pipeline.evaluate import benchmark_table, plot_benchmarks
 from pipeline.evaluation import MIN_EVAL_PROMPTS, with_interval
-from pipeline.registry import ALIGNMENT_STAGES, STAGES, Entry, Registry
+from pipeline.registry import ALIGNMENT_STAGES, Entry, Registry
 from pipeline.checkpoint import LOG_HISTORY
 
 # What the summary shows of each stage, in order.
@@ -45,22 +47,6 @@ def latest_pipeline_id(registry: Registry) -> str:
     if not ids:
         raise PipelineError(f"no pipeline runs in {registry.root}: `make all` starts one")
     return ids[-1]
-
-
-def stage_entries(registry: Registry, pipeline_id: str) -> list[Entry]:
-    """The pipeline's entry for each stage it ran: the newest complete one, else the newest attempt."""
-    mine = [e for e in registry.entries() if e.pipeline_id == pipeline_id]
-    if not mine:
-        known = sorted({e.pipeline_id for e in registry.entries() if e.pipeline_id})
-        raise PipelineError(f"no entries of pipeline run '{pipeline_id}' in {registry.root}; "
-                            f"known runs: {', '.join(known) or 'none'}")
-    chosen = []
-    for stage in STAGES:
-        tries = [e for e in mine if e.stage == stage]
-        done = [e for e in tries if e.status == "complete"]
-        if tries:
-            chosen.append((done or tries)[-1])
-    return chosen
 
 
 def wall_time_s(e: Entry) -> float | None:
@@ -169,7 +155,7 @@ def write_report(registry: Registry, pipeline_id: str) -> Path:
     import matplotlib
     matplotlib.use("Agg")
 
-    entries = stage_entries(registry, pipeline_id)
+    entries = registry.pipeline_entries(pipeline_id)
     out = pipeline_dir(registry, pipeline_id)
     out.mkdir(parents=True, exist_ok=True)
     table = summary_table(entries)
@@ -182,6 +168,16 @@ def write_report(registry: Registry, pipeline_id: str) -> Path:
                   "has the class (with an ensemble, its members' disagreement on them: the std of their normalised "
                   "scores), and the share of sampled held-out responses that show it (the demo's detectors).",
                   "", flaws, ""]
+    benchmarks = benchmark_table(entries)
+    if benchmarks:
+        lines += ["## Benchmarks: what each stage kept of what the model knew", "",
+                  "lm-eval's tasks on every model of the run (`python -m pipeline.evaluate --pipeline "
+                  f"{pipeline_id}`, or `make all BENCHMARKS=...`): value ± stderr, and each later stage's change "
+                  "against the first item by item, with its 95% paired bootstrap interval. A fall where higher is "
+                  "better (accuracy), or a rise in bits per byte, is the alignment tax.", "", benchmarks, ""]
+        plot = plot_benchmarks(entries, out)
+        if plot is not None:
+            lines += [f"![benchmarks]({plot.name})", ""]
     aligned = [e for e in entries if e.stage in ALIGNMENT_STAGES and e.status == "complete"]
     starts = [p for e in aligned for p in e.parents if p.startswith("sft-")]
     sft_id = max(set(starts), key=starts.count) if starts else None

@@ -26,17 +26,40 @@ def start_run(cfg: LoggingConfig, stage: str, entry, config: dict, root: Path) -
     """Start this stage's wandb run (main process only); return the Trainer's `report_to` value."""
     if cfg.backend == "none":
         return "none"
+    init(root, project=cfg.project, group=os.environ.get("PIPELINE_ID") or entry.id, job_type=stage, name=entry.id,
+         id=entry.id, resume="allow", config={**config, "registry": {"entry_id": entry.id, "parents": entry.parents}})
+    return "wandb"
+
+
+def init(root: Path, **kwargs):
+    """wandb.init with its files under the registry root, offline unless the user is logged in."""
     wandb_dirs(root)
     if not os.environ.get("WANDB_API_KEY") and "WANDB_MODE" not in os.environ:
         os.environ["WANDB_MODE"] = "offline"
     import wandb
 
-    run = wandb.init(project=cfg.project, group=os.environ.get("PIPELINE_ID") or entry.id, job_type=stage,
-                     name=entry.id, id=entry.id, resume="allow", dir=os.environ["WANDB_DIR"],
-                     config={**config, "registry": {"entry_id": entry.id, "parents": entry.parents}})
+    run = wandb.init(dir=os.environ["WANDB_DIR"], **kwargs)
     if run.settings.mode == "offline" or os.environ.get("WANDB_MODE") == "offline":
         logger.info(f"wandb is offline (no WANDB_API_KEY); sync later with: wandb sync {run.dir.rsplit('/files', 1)[0]}")
-    return "wandb"
+    return run
+
+
+def log_evaluation(entry, found: list[dict], root: Path) -> None:
+    """One evaluation of an entry as a wandb run of job type `eval`, in the group of the entry's pipeline run, for
+    an entry whose stage logged to wandb: each result in its summary and a table."""
+    logging_cfg = (entry.config or {}).get("logging") or {}
+    if logging_cfg.get("backend", "wandb") == "none" or not found:
+        return
+    import wandb
+
+    run = init(root, project=logging_cfg.get("project") or LoggingConfig.project, job_type="eval",
+               group=entry.pipeline_id or entry.id, name=f"eval-{entry.id}",
+               config={"registry": {"entry_id": entry.id, "stage": entry.stage},
+                       "tasks": sorted({r["task"] for r in found})})
+    run.summary.update({f"{r['task']}/{r['metric']}": r["value"] for r in found})
+    columns = ["task", "metric", "value", "stderr", "num_fewshot", "limit"]
+    run.log({"evaluations": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in found])})
+    run.finish()
 
 
 def log_checkpoint(entry) -> None:

@@ -34,6 +34,22 @@ def test_the_report_reads_the_registry_the_stages_wrote_to():
     assert runner.calls[-1][0] == [sys.executable, "-m", "pipeline.report", "pipeline-r", "--root", "/data/runs"]
 
 
+def test_benchmarks_evaluate_every_model_of_the_run_before_the_report():
+    runner = Recorder()
+    assert run_pipeline(["python", "-m"], ["registry.root=/data/runs"], {"PIPELINE_ID": "pipeline-b"}, runner,
+                        benchmarks="demo") == 0
+    evaluate, report = [c for c, _ in runner.calls[-2:]]
+    assert evaluate == [sys.executable, "-m", "pipeline.evaluate", "--pipeline", "pipeline-b", "--tasks", "demo"]
+    assert report[:4] == [sys.executable, "-m", "pipeline.report", "pipeline-b"]
+
+
+def test_a_failed_evaluation_still_writes_the_report_and_gives_its_status(capsys):
+    runner = Recorder(fail_at="pipeline.evaluate", status=2)
+    assert run_pipeline(["python", "-m"], [], {"PIPELINE_ID": "pipeline-e"}, runner, benchmarks="hellaswag") == 2
+    assert runner.calls[-1][0][2] == "pipeline.report"
+    assert "the benchmarks (hellaswag) stopped with exit status 2" in capsys.readouterr().err
+
+
 def test_a_given_pipeline_id_is_kept():
     runner = Recorder()
     run_pipeline(["python", "-m"], [], {"PIPELINE_ID": "pipeline-mine"}, runner)
@@ -52,7 +68,7 @@ def test_a_failed_stage_stops_the_pipeline_with_the_stage_named(capsys):
 def test_the_command_line_splits_the_launcher_and_passes_the_overrides(monkeypatch):
     seen = []
     monkeypatch.setattr("pipeline.all.run_pipeline",
-                        lambda launch, overrides, stages: seen.append((launch, overrides, stages)) or 0)
+                        lambda launch, overrides, stages, benchmarks: seen.append((launch, overrides, stages)) or 0)
     assert main(["--launch", ".venv/bin/accelerate launch --num_processes 2 -m", "--", "experiment=ci",
                  "trainer.max_steps=5"]) == 0
     assert seen == [([".venv/bin/accelerate", "launch", "--num_processes", "2", "-m"],

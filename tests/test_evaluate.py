@@ -1,6 +1,7 @@
 """make eval / python -m pipeline.evaluate: lm-evaluation-harness on a registry checkpoint with the demo's own tasks,
 offline, its results recorded on the entry; a hub task with no network, an unknown task, named."""
 import json
+import re
 import subprocess
 from pathlib import Path
 
@@ -11,6 +12,7 @@ from pipeline.eval_tasks import demo_tasks
 from pipeline.models import load_causal_lm
 from pipeline.registry import Registry
 from tests.conftest import PY, ROOT, copy_registry, env_for
+from tests.wandb_records import runs_and_artifacts
 
 pytest.importorskip("lm_eval", reason='the [eval] extra: pip install -e ".[eval]" (make test-all installs it)')
 
@@ -68,6 +70,59 @@ def test_the_demo_tasks_run_offline_and_the_entry_records_them(ci_pretrained, tm
     # an unknown task: the close matches lm-eval knows
     r = evaluate(home, "--model", "pretrain:latest", "--tasks", "demo_sentimnt")
     assert r.returncode == 2 and "unknown lm-eval task 'demo_sentimnt'; did you mean demo_sentiment" in r.stderr
+
+
+@pytest.mark.slow
+def test_a_pipeline_run_with_benchmarks_reports_what_each_stage_cost(tmp_path):
+    """make all BENCHMARKS=...: every model of the run evaluated on the same tasks, each item's score kept, and
+    the report's table of each stage's change against the pretrained model, item by item."""
+    home = tmp_path / "runs"
+    r = subprocess.run([PY, "-m", "pipeline.all", "--stages", "pretrain sft", "--benchmarks",
+                        "demo_sentiment,demo_stories", "--", "experiment=ci", "logging=wandb", "eval.num_prompts=4"],
+                       cwd=ROOT,
+                       env={**env_for(home), "PIPELINE_ID": "pipeline-tax"}, capture_output=True, text=True,
+                       timeout=1200)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    registry = Registry(str(home))
+    pretrain, sft = registry.pipeline_entries("pipeline-tax")
+    scores = {}
+    for e in (pretrain, sft):
+        found = {(x["task"], x["metric"]): x for x in e.evaluations}
+        assert e.status == "complete" and found[("demo_sentiment", "acc")]["stderr"] is not None
+        for task, metric in (("demo_sentiment", "acc"), ("demo_stories", "bits_per_byte")):
+            items = json.loads((Path(e.path) / found[(task, metric)]["items"]).read_text())[metric]
+            assert len(items["values"]) == demo_tasks.ITEMS
+            # the items' mean is lm-eval's own aggregate, so that item-by-item changes add up to its figures
+            assert sum(items["values"]) / len(items["values"]) == pytest.approx(found[(task, metric)]["value"])
+            scores[e.stage, metric] = items["values"]
+        assert found[("demo_stories", "bits_per_byte")]["stderr"] > 0  # from the items: lm-eval gives none
+    page = (home / "pipelines" / "pipeline-tax" / "report.md").read_text()
+    assert "| task | metric | pretrain | sft | sft − pretrain |" in page
+    assert (home / "pipelines" / "pipeline-tax" / "benchmarks.png").exists()
+    for metric in ("acc", "bits_per_byte"):
+        change = sum(scores["sft", metric]) / demo_tasks.ITEMS - sum(scores["pretrain", metric]) / demo_tasks.ITEMS
+        row = next(line for line in page.splitlines() if line.startswith(f"| demo_s") and f"| {metric} |" in line)
+        assert f"{change:+.4f} [" in row, row
+    runs, _ = runs_and_artifacts(home / "wandb")
+    evals = [x for x in runs if x.job_type == "eval"]
+    assert len(evals) == 2 and {x.run_group for x in evals} == {"pipeline-tax"}
+
+
+@pytest.mark.slow
+def test_data_parallel_evaluation_shards_the_items_and_agrees_with_one_process(ci_pretrained, tmp_path):
+    home = copy_registry(ci_pretrained, tmp_path)
+    r = evaluate(home, "--model", "pretrain:latest", "--tasks", "demo_sentiment", "--limit", "8")
+    assert r.returncode == 0, r.stderr[-2000:]
+    one = Registry(str(home)).resolve("pretrain:latest").entry.evaluations[0]
+    r = subprocess.run([str(Path(PY).parent / "accelerate"), "launch", "--multi_gpu", "--num_processes", "2",
+                        "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no", "-m",
+                        "pipeline.evaluate", "--model", "pretrain:latest", "--tasks", "demo_sentiment", "--limit", "8"],
+                       cwd=ROOT, env=env_for(home), capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    # 8 items of 2 choices: 16 requests, 8 in each process
+    assert re.search(r"Running loglikelihood requests: 100%.*? 8/8 \[", r.stderr), r.stderr[-2000:]
+    two = Registry(str(home)).resolve("pretrain:latest").entry.evaluations
+    assert len(two) == 1 and two[0]["value"] == pytest.approx(one["value"]) and two[0]["created_at"] > one["created_at"]
 
 
 def test_the_demo_tasks_are_held_out_and_well_formed():

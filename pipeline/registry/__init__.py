@@ -235,6 +235,22 @@ class Registry:
     def get(self, entry_id: str) -> Optional[Entry]:
         return next((e for e in self.entries() if e.id == entry_id), None)
 
+    def pipeline_entries(self, pipeline_id: str) -> list[Entry]:
+        """A pipeline run's entry for each stage it ran, in stage order: the newest complete one, else the newest
+        attempt."""
+        mine = [e for e in self.entries() if e.pipeline_id == pipeline_id]
+        if not mine:
+            known = sorted({e.pipeline_id for e in self.entries() if e.pipeline_id})
+            raise PipelineError(f"no entries of pipeline run '{pipeline_id}' in {self.root}; "
+                                f"known runs: {', '.join(known) or 'none'}")
+        chosen = []
+        for stage in STAGES:
+            tries = [e for e in mine if e.stage == stage]
+            done = [e for e in tries if e.status == "complete"]
+            if tries:
+                chosen.append((done or tries)[-1])
+        return chosen
+
     def find_resumable(self, stage: str, cfg_hash: str) -> Optional[Entry]:
         """The newest unfinished entry of this stage and config whose process is gone."""
         for e in reversed(self.entries(stage)):

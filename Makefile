@@ -38,21 +38,32 @@ endif
 # Hydra takes -m (--multirun) only before the overrides: move it there wherever ARGS has it.
 STAGE_ARGS = $(filter -m --multirun,$(ARGS)) $(filter-out -m --multirun,$(ARGS))
 
-.PHONY: install pretrain sft reward ppo dpo grpo rlhf all chat eval compare report test test-all test-faults bench overopt registry clean-venv
+.PHONY: install lock pretrain sft reward ppo dpo grpo rlhf all chat eval compare report test test-all test-faults bench overopt registry clean-venv
 
 install: $(STAMP)
+
+# Installs take the exact versions of the lock, constraints.txt: those the whole test suite last passed with
+# (torch aside: TORCH picks the build). LOCK=none installs the newest versions pyproject.toml's ranges allow;
+# `make lock` writes the lock from the installed ones, once `make test-all` passes on them.
+LOCK ?= constraints.txt
+PIP := $(PY) -m pip install --quiet --disable-pip-version-check $(if $(filter none,$(LOCK)),,--constraint $(LOCK))
 
 # The [eval] extra (lm-eval), for make eval and the whole test suite.
 EVAL_STAMP := $(VENV)/.installed-eval
 $(EVAL_STAMP): $(STAMP)
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev,eval]"
+	$(PIP) -e ".[dev,eval]"
 	touch $(EVAL_STAMP)
 
-$(STAMP): pyproject.toml Makefile
+$(STAMP): pyproject.toml Makefile $(filter-out none,$(LOCK))
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --quiet --disable-pip-version-check "$(TORCH)"
-	$(PY) -m pip install --quiet --disable-pip-version-check -e ".[dev]"
+	$(PIP) "$(TORCH)"
+	$(PIP) -e ".[dev]"
 	touch $(STAMP)
+
+lock:
+	( echo "# The versions \`make test-all\` passed with (torch aside): make install's constraints. Refresh: make install" \
+	  "LOCK=none, make test-all, make lock."; \
+	  $(PY) -m pip freeze --exclude-editable --disable-pip-version-check | grep -iv '^torch==' ) > $(LOCK)
 
 pretrain: install
 	$(LAUNCH) stages.pretrain $(STAGE_ARGS)

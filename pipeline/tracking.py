@@ -55,7 +55,8 @@ def log_evaluation(entry, found: list[dict], root: Path) -> None:
     run = init(root, project=logging_cfg.get("project") or LoggingConfig.project, job_type="eval",
                group=entry.pipeline_id or entry.id, name=f"eval-{entry.id}",
                config={"registry": {"entry_id": entry.id, "stage": entry.stage},
-                       "tasks": sorted({r["task"] for r in found})})
+                       "tasks": sorted({r["task"] for r in found})},
+               settings=wandb.Settings(console="off"))  # the results are its record, not the console
     run.summary.update({f"{r['task']}/{r['metric']}": r["value"] for r in found})
     columns = ["task", "metric", "value", "stderr", "num_fewshot", "limit"]
     run.log({"evaluations": wandb.Table(columns=columns, data=[[r[c] for c in columns] for r in found])})

@@ -68,7 +68,8 @@ def test_one_shot_and_stdin_through_the_module(ci_fine_tuned):
     env = env_for(ci_fine_tuned)
     one = subprocess.run([PY, "-m", "pipeline.chat", "--model", "sft:latest", "--prompt", "Is this positive?",
                           "--dtype", "bfloat16"], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert one.returncode == 0 and one.stdout.strip(), one.stderr[-2000:]
+    # the answer's line; a 0.13M-parameter model sampled in bf16 may stop at its first token, so it can be empty
+    assert one.returncode == 0 and one.stdout.endswith("\n"), one.stderr[-2000:]
     assert "cpu, torch.bfloat16)" in one.stderr  # as asked; on a CPU, auto is float32 (below)
     inter = subprocess.run([PY, "-m", "pipeline.chat", "--model", "sft:latest", "--show-prompt",
                             "--max-new-tokens", "8"],

@@ -179,7 +179,8 @@ def record(registry: Registry, entry: Entry, results: dict, found: list[dict], i
     for r in found:
         if r["metric"] in items.get(r["task"], {}):
             r["items"] = items_file(r)
-            (Path(entry.path) / r["items"]).write_text(json.dumps(items[r["task"]]))
+    for r in {r["items"]: r for r in found if "items" in r}.values():  # one file per task
+        (Path(entry.path) / r["items"]).write_text(json.dumps(items[r["task"]]))
     registry.record_evaluations(entry.id, found)
     tracking.log_evaluation(entry, found, registry.root)
 
@@ -202,10 +203,9 @@ def paired_change(before: Entry, after: Entry, r: dict) -> tuple[float, float, f
     bootstrap 95% interval; None where either lacks the item scores."""
     from pipeline.evaluation import paired_bootstrap
 
-    def scores(e: Entry) -> dict | None:
+    def scores(e: Entry) -> dict | None:  # the file's name holds the task, few-shot count and limit
         path = Path(e.path) / items_file(r)
-        same = any(x["task"] == r["task"] and x["metric"] == r["metric"] and x.get("items") for x in e.evaluations)
-        return json.loads(path.read_text()).get(r["metric"]) if same and path.exists() else None
+        return json.loads(path.read_text()).get(r["metric"]) if path.exists() else None
 
     a, b = scores(before), scores(after)
     if not a or not b:
@@ -262,8 +262,7 @@ def plot_benchmarks(entries: list[Entry], out: Path) -> Path | None:
         return None
     fig, axes = plt.subplots(1, len(keys), figsize=(3.2 * len(keys) + 1, 3.4), squeeze=False)
     for ax, key in zip(axes[0], keys):
-        found = [(e.stage, find(e, key)) for e in evaluated]
-        found = [(stage, r) for stage, r in found if r is not None]
+        found = [(e.stage, r) for e in evaluated if (r := find(e, key)) is not None]
         ax.bar([s for s, _ in found], [r["value"] for _, r in found], yerr=[r["stderr"] or 0 for _, r in found],
                capsize=4, color="tab:blue", alpha=0.8)
         ax.set(title=f"{key[0]}\n{key[1]}", ylabel=key[1])

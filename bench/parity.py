@@ -32,14 +32,15 @@ SIZES = {"corpus": 30000, "sft": 6000, "pairs": 8000, "prompts": 3000, "heldout_
 STAGES = ("pretrain", "sft", "reward", "ppo")
 
 
-def write_data(d: Path, seed: int) -> None:
-    """The seed's data files: what both sides train on, and the held-out sets they are judged on."""
+def write_data(d: Path, seed: int, corpus: list[str] | None = None) -> None:
+    """The seed's data files: what both sides train on, and the held-out sets they are judged on. `corpus`: other
+    pretraining text than the demo's corpus."""
     from pipeline import demo
 
     d.mkdir(parents=True, exist_ok=True)
     keep = lambda rows, keys: [{k: r[k] for k in keys} for r in rows]
     files = {
-        "corpus": [{"text": t} for t in demo.generate_corpus(SIZES["corpus"], 1000 + seed)],
+        "corpus": [{"text": t} for t in corpus or demo.generate_corpus(SIZES["corpus"], 1000 + seed)],
         "sft": keep(demo.generate_demonstrations(SIZES["sft"], 2000 + seed, 0.3), ("messages",)),
         "pairs": keep(demo.generate_preferences(SIZES["pairs"], 3000 + seed), ("prompt", "chosen", "rejected")),
         "prompts": keep(demo.generate_prompts(SIZES["prompts"], 4000 + seed, heldout=False), ("prompt",)),
@@ -72,12 +73,13 @@ def pipeline_args(data: Path, seed: int) -> dict:
     }
 
 
-def run_pipeline(data: Path, registry: Path, seed: int, threads: int) -> tuple[dict, dict]:
-    """The four stages through `make`; (checkpoint directory per stage, seconds per stage)."""
+def run_pipeline(stage_args: dict, registry: Path, seed: int, threads: int) -> tuple[dict, dict]:
+    """The stages of stage_args ({stage: its overrides}, in order) through `make`, each recorded in `registry`;
+    (checkpoint directory per stage, seconds per stage). A stage complete there before is not rerun."""
     from pipeline.registry import Registry
 
     paths, seconds, ran = {}, {}, False
-    for stage, args in pipeline_args(data, seed).items():
+    for stage, args in stage_args.items():
         done = [e for e in Registry(registry).entries(stage) if e.status == "complete"]
         if done and not ran:  # a long run picks up where it stopped: delete the seed's registry to start again
             paths[stage], seconds[stage] = done[-1].path, done[-1].metrics["wall_time_s"]
@@ -88,7 +90,7 @@ def run_pipeline(data: Path, registry: Path, seed: int, threads: int) -> tuple[d
                f"ARGS=registry.root={registry} logging=none seed={seed} {args}"]
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
         if r.returncode != 0:
-            sys.exit(f"parity: make {stage} failed:\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
+            sys.exit(f"make {stage} failed (registry {registry}):\n{r.stdout[-3000:]}\n{r.stderr[-3000:]}")
         seconds[stage] = time.time() - started
         paths[stage] = Registry(registry).resolve(f"{stage}:latest").path
         print(f"  pipeline {stage}: {seconds[stage]:.0f} s", flush=True)
@@ -127,15 +129,17 @@ def judge(paths: dict, data: Path) -> dict:
     stories = [r["text"] for r in read("corpus")[:300]]
     model = AutoModelForCausalLM.from_pretrained(paths["pretrain"], dtype=torch.float32)
     out = {"pretrain_copy_rate": copy_rate(model, AutoTokenizer.from_pretrained(paths["pretrain"]), stories)["person"]}
-    for stage in ("sft", "ppo"):
+    for stage in (s for s in ("sft", "ppo") if s in paths):
         model = AutoModelForCausalLM.from_pretrained(paths[stage], dtype=torch.float32)
         tok = AutoTokenizer.from_pretrained(paths[stage])
         out[f"{stage}_gold"], samples = gold_eval(model, tok, prompts, GenerationEvalConfig(), f"Judging {stage}")
         out[f"{stage}_gold_per_prompt"] = [s["gold"] for s in samples]  # for the difference's interval
         for task in sorted({s["task"] for s in samples}):
             out[f"{stage}_gold_{task}"] = statistics.fmean(s["gold"] for s in samples if s["task"] == task)
-    rm = AutoModelForSequenceClassification.from_pretrained(paths["reward"], num_labels=1, dtype=torch.float32)
-    out["reward_accuracy"] = RewardModel(rm, AutoTokenizer.from_pretrained(paths["reward"])).pair_accuracy(pairs)[0]
+    if "reward" in paths:
+        rm = AutoModelForSequenceClassification.from_pretrained(paths["reward"], num_labels=1, dtype=torch.float32)
+        out["reward_accuracy"] = RewardModel(rm, AutoTokenizer.from_pretrained(paths["reward"])).pair_accuracy(
+            pairs)[0]
     return out
 
 
@@ -167,7 +171,7 @@ def main(argv: list[str] | None = None) -> None:
             print(f"seed {seed}: {side} on {threads} threads", flush=True)
             if side == "plain":
                 return run_plain(data, work / "plain", seed, threads)
-            return run_pipeline(data, work / "registry", seed, threads)
+            return run_pipeline(pipeline_args(data, seed), work / "registry", seed, threads)
 
         with ThreadPoolExecutor(a.jobs) as pool:
             trained = dict(zip(todo, pool.map(train, todo)))

@@ -20,15 +20,42 @@ def is_peft_model(model) -> bool:
 
 
 def last_trainer_checkpoint(trainer_dir: Path) -> Optional[str]:
-    """The newest trainer checkpoint that was written completely (a kill can leave one half-written)."""
+    """The newest trainer checkpoint that was written completely (a kill can leave one half-written). The Trainer
+    writes trainer_state.json after everything else and removes an older checkpoint only after that, so a
+    checkpoint whose trainer_state.json reads whole is complete, and a kill during a save leaves the one before."""
     if not trainer_dir.is_dir():
         return None
     ckpts = sorted((p for p in trainer_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
                    key=lambda p: int(p.name.split("-")[-1]), reverse=True)
     for p in ckpts:
-        if (p / "trainer_state.json").exists() and (p / "model.safetensors").exists():
+        weights = (p / "model.safetensors").exists() or (p / "adapter_model.safetensors").exists()
+        if weights and _reads_whole(p / "trainer_state.json"):
             return str(p)
     return None
+
+
+def _reads_whole(path: Path) -> bool:
+    try:
+        json.loads(path.read_text())
+        return True
+    except (OSError, ValueError):
+        return False
+
+
+def load_trainer_weights(model, ckpt: Path) -> None:
+    """A Trainer checkpoint's weights (a LoRA model's adapter) into `model`, in place, as the Trainer loads them;
+    only weights tied to a loaded one (which safetensors stores once) may be absent."""
+    from peft import set_peft_model_state_dict
+    from safetensors.torch import load_file
+
+    if is_peft_model(model):
+        set_peft_model_state_dict(model, load_file(ckpt / "adapter_model.safetensors"))
+        return
+    missing, unexpected = model.load_state_dict(load_file(ckpt / "model.safetensors"), strict=False)
+    untied = sorted(set(missing) - set(getattr(model, "all_tied_weights_keys", None) or {}))
+    if untied or unexpected:
+        raise ValueError(f"{ckpt} does not hold this model's weights: missing {untied[:5]}, unexpected "
+                         f"{sorted(unexpected)[:5]}")
 
 
 def save_hf_directory(trainer, tok, run, path: Optional[Path] = None) -> None:

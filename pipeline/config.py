@@ -221,7 +221,8 @@ class TrainerConfig:
 
 @dataclass
 class CheckpointingTrainerConfig(TrainerConfig):
-    """A Trainer that writes checkpoints a rerun resumes from (every stage but PPO, whose TRL trainer cannot)."""
+    """A Trainer that writes checkpoints a rerun resumes from (every stage but PPO, which saves every
+    ppo.save_every updates)."""
     # Steps between trainer checkpoints (what a rerun resumes from).
     save_steps: int = 250
     # Trainer checkpoints kept while training.
@@ -482,6 +483,10 @@ class PPOSettings(OnlineRLSettings):
     whiten_rewards: bool = False
     # Rollout batch for generation and scoring forward passes.
     rollout_batch_size: int = 64
+    # Updates between saves of what the next update depends on (weights, optimizer, RNG, the prompts' position,
+    # the guards' histories) in Trainer checkpoints, which a rerun of the same command resumes from; 0: none. The
+    # stage also saves when a guard stops it.
+    save_every: int = 4
 
     def __post_init__(self):
         super().__post_init__()
@@ -489,6 +494,8 @@ class PPOSettings(OnlineRLSettings):
             raise ValueError(f"ppo.kl_estimator must be k1 or k3, got {self.kl_estimator!r}")
         if self.temperature <= 0:
             raise ValueError(f"ppo.temperature must be positive, got {self.temperature}")
+        if self.save_every < 0:
+            raise ValueError(f"ppo.save_every must be 0 (no saves) or positive, got {self.save_every}")
 
 
 @dataclass
@@ -498,7 +505,7 @@ class PPOStageConfig(GeneratingStageConfig):
     # The reward model, which also initialises the value model: same kinds of reference.
     reward_model: str = "reward:latest"
     data: PromptData = field(default_factory=PromptData)
-    # No checkpoint settings: TRL's PPO trainer cannot resume, so the stage writes no trainer checkpoints.
+    # Its checkpoints are set by ppo.save_every (in updates), the trainer section has none.
     trainer: TrainerConfig = field(default_factory=TrainerConfig)
     ppo: PPOSettings = field(default_factory=PPOSettings)
 

@@ -102,7 +102,7 @@ class StageRun:
                                  tokenizer_fingerprint=tokenizer_fingerprint(tok))
 
 
-def _open_entry(stage: str, cfg, config: dict, parents: list[str], registry: Registry, state, resumable: bool):
+def _open_entry(stage: str, cfg, config: dict, parents: list[str], registry: Registry, state):
     """On the main process: resume the unfinished entry of the same command, or create a new one."""
     if not state.is_main_process:
         return None, None
@@ -110,10 +110,10 @@ def _open_entry(stage: str, cfg, config: dict, parents: list[str], registry: Reg
     if cfg.resume == "auto":
         old = registry.find_resumable(stage, h)
         if old is not None:
-            ckpt = last_trainer_checkpoint(Path(old.path) / "trainer") if resumable else None
+            ckpt = last_trainer_checkpoint(Path(old.path) / "trainer")
             if ckpt:
                 return registry.claim(old), ckpt
-            why = "this stage's trainer cannot resume" if not resumable else "it left no trainer checkpoint"
+            why = "it left no trainer checkpoint"
             registry.fail(old, f"abandoned: {why}; a rerun started afresh")
             get_logger(stage).info(f"The unfinished attempt {old.id} cannot be resumed ({why}): it is marked "
                                    f"failed and the stage restarts cleanly")
@@ -127,7 +127,7 @@ def key_metric(stage: str, metrics: dict) -> float:
 
 
 def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
-              inputs: Callable[[object, Registry], dict] = lambda cfg, reg: {}, resumable: bool = True) -> float:
+              inputs: Callable[[object, Registry], dict] = lambda cfg, reg: {}) -> float:
     """Run a stage body under its registry entry, and return the stage's key metric (`key_metric`); a
     PipelineError ends the process with its message and exit 2.
 
@@ -148,7 +148,7 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
         state = PartialState(cpu=not torch.cuda.is_available())  # gloo across CPU processes
         resolved = inputs(typed, registry)
         parent_ids = list(dict.fromkeys(r.entry.id for r in resolved.values() if r.entry is not None))
-        entry, resume_from = _open_entry(stage, typed, config, parent_ids, registry, state, resumable)
+        entry, resume_from = _open_entry(stage, typed, config, parent_ids, registry, state)
         shared = [entry, resume_from]
         if state.num_processes > 1:
             broadcast_object_list(shared)  # the other ranks learn the entry from the main process

@@ -39,10 +39,11 @@ def scheduler_settings(scheduler: str, settings: dict) -> dict:
     return {k: v for k, v in settings.items() if k in takes}
 
 
-def trainer_arguments(run, args_class=TrainingArguments, **own):
+def trainer_arguments(run, args_class=TrainingArguments, save_every: int = 0, **own):
     """The stage's arguments for its Trainer (TrainingArguments, or a TRL trainer's config class): the trainer
     section of its config, as every stage takes it, plus the stage's own settings (`own`), which add to those and
-    may not replace them. A trainer section without checkpoint settings (PPO's) writes no trainer checkpoints."""
+    may not replace them. A trainer section without checkpoint settings (PPO's) writes a trainer checkpoint every
+    `save_every` steps (0: none), the last two kept."""
     t, stage = run.cfg.trainer, run.stage
     precision = resolved_precision(t.mixed_precision, stage)
     shared = dict(
@@ -74,6 +75,8 @@ def trainer_arguments(run, args_class=TrainingArguments, **own):
     )
     if isinstance(t, CheckpointingTrainerConfig):
         shared.update(save_strategy="steps", save_steps=t.save_steps, save_total_limit=t.save_total_limit)
+    elif save_every:
+        shared.update(save_strategy="steps", save_steps=save_every, save_total_limit=2)
     if isinstance(t, LengthGroupedTrainerConfig):
         shared["train_sampling_strategy"] = "group_by_length" if t.group_by_length else "random"
     clash = sorted(set(own) & set(shared))

@@ -117,12 +117,28 @@ class BudgetExceeded(Exception):
     keeps the policy of that step."""
 
 
-class KLBudget(TrainerCallback):
+class Kept:
+    """A callback whose `kept` attributes a resumed PPO run restores (saved with each of its checkpoints)."""
+    kept: tuple[str, ...] = ()
+
+    def state_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.kept}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.__dict__.update(state)
+
+
+class KLBudget(Kept, TrainerCallback):
     """Stop when the policy drifts past the KL budget."""
+    kept = ("fired_at",)
 
     def __init__(self, budget: float | None, key: str):
         self.budget, self.key = budget, key  # key: the logged KL (objective/kl for PPO, kl for GRPO/RLOO)
         self.fired_at = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.fired_at is not None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         kl = (logs or {}).get(self.key)
@@ -137,7 +153,7 @@ class KLBudget(TrainerCallback):
             metrics.update(kl_budget_stop_step=self.fired_at["step"], kl_budget_stop_kl=self.fired_at["kl"])
 
 
-class Disagreement(TrainerCallback):
+class Disagreement(Kept, TrainerCallback):
     """The reward ensemble's disagreement on the policy's own rollouts: per update, the mean std of the members'
     normalised scores over the responses it scored; each log carries the mean since the last one
     (reward/ensemble_std, in the log history). Measured against its value at the first update, the start's
@@ -145,12 +161,17 @@ class Disagreement(TrainerCallback):
     needs no gold judge."""
 
     KEY = "reward/ensemble_std"
+    kept = ("history", "logged", "fired_at")
 
     def __init__(self, head: EnsembleReward, budget: float | None, stop: bool, warn):
         self.head, self.budget, self.stop, self.warn = head, budget, stop, warn
         self.history: list[dict] = []  # {"step", "ensemble_std"} per update
         self.logged = 0  # updates already reported in a log
         self.fired_at = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.fired_at is not None and self.stop
 
     def _close_update(self, step: int) -> None:
         """The scores taken since the last call, as the update's figure (PPO logs before its step ends, GRPO
@@ -204,10 +225,11 @@ class Disagreement(TrainerCallback):
                         f"the policy of that update")
 
 
-class GoldTracker(TrainerCallback):
+class GoldTracker(Kept, TrainerCallback):
     """The gold judge's score of the policy's responses to held-out demo prompts every few updates, sampled as the
     final evaluation samples them (the stage's eval settings: temperature, seed, length): it shows when the reward
     and real quality part ways. Each check records the seconds it took."""
+    kept = ("history",)
 
     def __init__(self, policy, tok, rows: list[dict], every: int, gen: GenerationEvalConfig, score_key: str,
                  kl_key: str):

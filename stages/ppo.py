@@ -18,13 +18,16 @@ import json
 from pathlib import Path
 
 import hydra
+import torch
 from datasets import Dataset
 from omegaconf import DictConfig
+from transformers import TrainerCallback
+from transformers.trainer import OPTIMIZER_NAME, SCHEDULER_NAME, TRAINER_STATE_NAME
 from trl.experimental.ppo import PPOConfig
 from trl.experimental.ppo import PPOTrainer
 
 from pipeline.callbacks import standard_callbacks
-from pipeline.checkpoint import save_hf_directory, unwrapped
+from pipeline.checkpoint import load_trainer_weights, save_hf_directory, unwrapped
 from pipeline.config import PPOStageConfig, refuse_keys_of_other_stages, register_schemas
 from pipeline.data import load_prompt_data
 from pipeline.handoff import check_data_coverage, check_reward_handoff
@@ -39,17 +42,125 @@ from stages.alignment import (BudgetExceeded, Disagreement, GoldTracker, KLBudge
 register_schemas()
 
 
+class PromptLoader:
+    """TRL's PPO prompt loader with its position kept: the RNG states each pass over the prompts drew its order from
+    (the torch generator, and the sampler's own where accelerate gave it one), and the batches taken since. A
+    resumed run replays to that position from those states, then restores the save's RNG states (`resume`)."""
+
+    def __init__(self, loader):
+        self.loader = loader
+        self.passes, self.start, self.taken = 0, None, 0
+        self._resume = None
+
+    def __len__(self) -> int:
+        return len(self.loader)
+
+    def state_dict(self) -> dict:
+        return {"passes": self.passes, "start": self.start, "taken": self.taken}
+
+    def resume(self, state: dict, restore_rng) -> None:
+        """Replay to `state` when the loop asks for its next batch; then call restore_rng."""
+        self._resume = (state, restore_rng)
+
+    def __iter__(self):
+        gen = getattr(self.loader, "synchronized_generator", None)
+        resume, self._resume = self._resume, None
+        if resume:
+            state, restore_rng = resume
+            self.passes = state["passes"] - 1
+            self.loader.set_epoch(self.passes)
+            torch.set_rng_state(state["start"]["torch"])
+            if gen is not None:
+                gen.set_state(state["start"]["generator"])
+        self.start = {"torch": torch.get_rng_state(), "generator": gen.get_state() if gen is not None else None}
+        self.passes, self.taken = self.passes + 1, 0
+        batches = iter(self.loader)
+        if resume:
+            for _ in range(state["taken"]):
+                next(batches)
+                self.taken += 1
+            restore_rng()
+        for batch in batches:
+            self.taken += 1
+            yield batch
+
+
+class ResumablePPOTrainer(PPOTrainer):
+    """TRL's PPOTrainer, resumable. Its loop already writes Trainer checkpoints when the save strategy asks (the
+    policy, optimizer, scheduler, RNG states and trainer state); TRL cannot resume from them. With each one this
+    also saves the value model, the prompt loader's position and the `stateful` callbacks' state, and `resume_from`
+    restores all of it when the loop begins, which then runs only the updates left."""
+
+    STATE = "ppo_state_{}.pt"
+
+    def __init__(self, *args, resume_from: str | None = None, stateful: tuple = (), on_resume=lambda update: None,
+                 **kwargs):
+        super().__init__(*args, **kwargs)
+        self.dataloader = PromptLoader(self.dataloader)
+        self.stateful = {type(cb).__name__: cb for cb in stateful}
+        self.on_resume = on_resume
+        if resume_from:
+            self.callback_handler.callbacks.insert(0, _Restore(self, resume_from))  # before the progress bar
+
+    def _save_checkpoint(self, model, trial):
+        # written before the Trainer's files: its trainer_state.json, last, marks the checkpoint whole
+        out = Path(self._get_output_dir(trial)) / f"checkpoint-{self.state.global_step}"
+        out.mkdir(parents=True, exist_ok=True)
+        value = self.accelerator.unwrap_model(self.model).value_model
+        if self.accelerator.is_main_process:
+            value.save_pretrained(out / "value_model")
+        torch.save({"loader": self.dataloader.state_dict(),
+                    "callbacks": {k: cb.state_dict() for k, cb in self.stateful.items()}},
+                   out / self.STATE.format(self.accelerator.process_index))
+        super()._save_checkpoint(model, trial)
+
+    def save_stop(self) -> None:
+        """A checkpoint at a guard's stop: a rerun resumes there, and trains no further."""
+        if self.args.save_strategy != "no":
+            self._save_checkpoint(self.model, None)
+
+    def restore(self, ckpt: str) -> None:
+        saved = type(self.state).load_from_json(str(Path(ckpt) / TRAINER_STATE_NAME))  # TRL's OnlineTrainerState
+        for k in ("global_step", "episode", "epoch", "log_history"):
+            setattr(self.state, k, getattr(saved, k))
+        plain = self.accelerator.unwrap_model(self.model)
+        load_trainer_weights(plain.policy, Path(ckpt))
+        load_trainer_weights(plain.value_model, Path(ckpt) / "value_model")
+        # as the Trainer's _load_optimizer_and_scheduler loads them (which needs attributes PPOTrainer lacks)
+        self.optimizer.load_state_dict(torch.load(Path(ckpt) / OPTIMIZER_NAME, map_location=self.accelerator.device,
+                                                  weights_only=True))
+        self.lr_scheduler.load_state_dict(torch.load(Path(ckpt) / SCHEDULER_NAME, weights_only=True))
+        own = torch.load(Path(ckpt) / self.STATE.format(self.accelerator.process_index), weights_only=True)
+        for k, state in own["callbacks"].items():
+            self.stateful[k].load_state_dict(state)
+        stopped = any(getattr(cb, "stopped", False) for cb in self.stateful.values())
+        # the loop runs args.num_total_batches updates from here: those left, none after a guard's stop
+        self.args.num_total_batches = 0 if stopped else self.state.max_steps - saved.global_step
+        self.dataloader.resume(own["loader"], lambda: self._load_rng_state(ckpt))
+        self.on_resume(saved.global_step)
+
+
+class _Restore(TrainerCallback):
+    """Restores a PPO checkpoint when the loop begins (after TRL's train() has reset the trainer state)."""
+
+    def __init__(self, trainer: ResumablePPOTrainer, ckpt: str):
+        self.trainer, self.ckpt = trainer, ckpt
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.trainer.restore(self.ckpt)
+
+
 def inputs(cfg: PPOStageConfig, registry: Registry) -> dict:
     return {"init_from": registry.resolve(cfg.init_from), "reward_model": registry.resolve(cfg.reward_model)}
 
 
 def ppo_arguments(run: StageRun) -> PPOConfig:
-    """TRL's PPOConfig from the ppo and trainer sections: one PPO update per trainer step. The trainer section has
-    no checkpoint settings: TRL's PPO cannot resume, so no trainer checkpoints are written."""
+    """TRL's PPOConfig from the ppo and trainer sections: one PPO update per trainer step, a Trainer checkpoint
+    every ppo.save_every updates."""
     p, t = run.cfg.ppo, run.cfg.trainer
     rollouts = t.per_device_train_batch_size * t.gradient_accumulation_steps * run.state.num_processes
     return trainer_arguments(
-        run, PPOConfig,
+        run, PPOConfig, save_every=p.save_every,
         total_episodes=t.max_steps * rollouts, num_ppo_epochs=p.num_ppo_epochs, num_mini_batches=p.num_mini_batches,
         response_length=p.response_length,
         stop_token="eos",  # truncate each response after its first eos; the score is read there
@@ -97,15 +208,18 @@ def ppo(run: StageRun) -> dict:
     disagreement = Disagreement(scorer.score, p.disagreement_budget, p.disagreement_stop, run.warn)
     # an update is long: the first one's warm-up is all the step timer leaves out
     callbacks = [*standard_callbacks(run, timer_skip=1), tracker, budget, disagreement]
-    trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=reference, reward_model=scorer,
-                         value_model=value, train_dataset=train_ds, eval_dataset=eval_ds,
-                         peft_config=lora_config(cfg.peft, "CAUSAL_LM"), callbacks=callbacks)
+    trainer = ResumablePPOTrainer(args=args, processing_class=tok, model=policy, ref_model=reference,
+                                  reward_model=scorer, value_model=value, train_dataset=train_ds, eval_dataset=eval_ds,
+                                  peft_config=lora_config(cfg.peft, "CAUSAL_LM"), callbacks=callbacks,
+                                  resume_from=run.resume_from, stateful=(tracker, budget, disagreement),
+                                  on_resume=lambda n: run.log(f"Resuming {run.entry.id} from update {n} of "
+                                                              f"{cfg.trainer.max_steps}"))
 
     # --- train and save
     try:
         trainer.train()
     except BudgetExceeded:
-        pass  # recorded below
+        trainer.save_stop()  # recorded below
     save_hf_directory(trainer, tok, run)
 
     # --- evaluate against the start
@@ -124,7 +238,7 @@ def ppo(run: StageRun) -> dict:
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="ppo")
 def main(cfg: DictConfig) -> float:
-    return run_stage("ppo", cfg, ppo, inputs, resumable=False)
+    return run_stage("ppo", cfg, ppo, inputs)
 
 
 if __name__ == "__main__":

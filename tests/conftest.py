@@ -120,6 +120,7 @@ def kill_after_first_checkpoint(target: str, home: Path, args: str, timeout: flo
             not list(home.glob("checkpoints/*/trainer/checkpoint-*/trainer_state.json")):
         time.sleep(0.2)
     assert p.poll() is None, f"make {target} ended before its first trainer checkpoint"
+    time.sleep(0.5)  # trainer_state.json, the checkpoint's last file, may be half-written when it first appears
     kill(p)
 
 

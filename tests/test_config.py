@@ -95,7 +95,7 @@ OWN_KEYS = {
 @pytest.mark.parametrize("stage", sorted(OWN_KEYS))
 def test_each_stage_has_the_data_and_trainer_keys_of_its_kind(stage):
     """A corpus for pretraining, demonstrations for SFT, pairs for reward and DPO, prompts for PPO and GRPO; PPO,
-    whose TRL trainer cannot resume, has no checkpoint settings."""
+    which saves every ppo.save_every updates, has no checkpoint settings in its trainer section."""
     cfg = OmegaConf.to_container(compose_cfg(stage))
     common = {"kind", "path", "hub_config", "split", "sample_by", "max_rows", "eval_fraction"}
     assert set(cfg["data"]) == common | OWN_KEYS[stage]["data"]

@@ -4,6 +4,7 @@ import contextlib
 import json
 import os
 import random
+import shutil
 import time
 from pathlib import Path
 
@@ -11,11 +12,12 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from pipeline.checkpoint import last_trainer_checkpoint
 from pipeline.config import overrides_for
 from pipeline.errors import PipelineError
 from pipeline.registry import Registry
 from tests.conftest import (complete_entries, compose, copy_registry, kill, kill_after_first_checkpoint, make,
-                            registry_entries, start)
+                            registry_entries, run_stages, start)
 
 CI = "experiment=ci"
 LONG = "trainer.max_steps=80 trainer.save_steps=10 trainer.logging_steps=1000"
@@ -64,6 +66,66 @@ def test_killed_stage_resumes_to_the_uninterrupted_result(fine_tuned, tmp_path, 
     assert Registry(home).resolve(f"{stage}:latest").entry.id == killed["id"]
     assert resumed["metrics"]["eval_loss"] == pytest.approx(reference["metrics"]["eval_loss"], rel=0.01)
     assert_registry_consistent(home)
+
+
+@pytest.fixture(scope="module")
+def rewarded(ci_fine_tuned, tmp_path_factory) -> Path:
+    home = copy_registry(ci_fine_tuned, tmp_path_factory.mktemp("rewarded"))
+    return run_stages(home, ("reward",), "experiment=ci trainer.max_steps=10")
+
+
+PPO_RESUME = "experiment=ci eval.num_prompts=8 ppo.gold_every=2 ppo.gold_prompts=8 trainer.max_steps=6 ppo.save_every=2"
+TIMINGS = ("wall_time_s", "peak_rss_mb", "steady_seconds_per_step")
+
+
+@pytest.mark.slow
+def test_killed_ppo_resumes_to_the_same_policy(rewarded, tmp_path):
+    """kill -9 after PPO's first save (update 2), with the next save left as a kill during it leaves one (its
+    files in part, trainer_state.json cut short): the rerun resumes from update 2 (weights, value model, optimizer,
+    scheduler, RNG states, the prompts' position, the gold history) and ends on the uninterrupted run's policy and
+    metrics exactly (fp32 on CPU)."""
+    straight = copy_registry(rewarded, tmp_path / "straight")
+    r = make("ppo", straight, PPO_RESUME)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    [reference] = complete_entries(straight, "ppo")
+
+    home = copy_registry(rewarded, tmp_path / "killed")
+    kill_after_first_checkpoint("ppo", home, PPO_RESUME)
+    [killed] = [e for e in registry_entries(home, "ppo")]
+    saved = Path(killed["path"]) / "trainer" / "checkpoint-2"
+    half = saved.parent / "checkpoint-4"
+    shutil.copytree(saved, half, dirs_exist_ok=True)
+    (half / "optimizer.pt").unlink()
+    (half / "trainer_state.json").write_text((saved / "trainer_state.json").read_text()[:200])
+    r = make("ppo", home, PPO_RESUME)
+    assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
+    assert f"Resuming {killed['id']} from update 2 of 6" in r.stdout
+    [resumed] = complete_entries(home, "ppo")
+    a, b = (load_file(Path(e["path"]) / "model.safetensors") for e in (reference, resumed))
+    assert max((a[k] - b[k]).abs().max().item() for k in a) <= 1e-6
+    assert {k: v for k, v in resumed["metrics"].items() if k not in TIMINGS} == \
+        {k: v for k, v in reference["metrics"].items() if k not in TIMINGS}
+    history = [json.loads((Path(e["path"]) / "ppo_history.json").read_text()) for e in (reference, resumed)]
+    assert [h["step"] for h in history[1]["log"]] == [1, 2, 3, 4, 5, 6]
+    assert [g["step"] for g in history[1]["gold"]] == [2, 4, 6]
+    assert [g["gold_score"] for g in history[1]["gold"]] == [g["gold_score"] for g in history[0]["gold"]]
+    assert not (Path(resumed["path"]) / "trainer").exists()
+    assert_registry_consistent(home)
+
+
+def test_a_checkpoint_cut_short_is_passed_over(tmp_path):
+    """A kill during a save leaves the checkpoint before it as the one to resume from: trainer_state.json is written
+    last, so a checkpoint without it whole is not complete."""
+    for step, state in ((2, '{"global_step": 2}'), (4, '{"global_step": 4, "log_hi'), (6, None)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        (d / "model.safetensors").write_bytes(b"weights")
+        if state:
+            (d / "trainer_state.json").write_text(state)
+    assert last_trainer_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    (tmp_path / "checkpoint-2" / "model.safetensors").unlink()
+    (tmp_path / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"a LoRA run's adapter")
+    assert last_trainer_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
 
 
 @pytest.mark.slow

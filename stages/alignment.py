@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from torch import nn
 from transformers import TrainerCallback
+from transformers.trainer_callback import ExportableState
 
 from pipeline import demo
 from pipeline.config import GenerationEvalConfig
@@ -117,15 +118,21 @@ class BudgetExceeded(Exception):
     keeps the policy of that step."""
 
 
-class Kept:
-    """A callback whose `kept` attributes a resumed PPO run restores (saved with each of its checkpoints)."""
+class Kept(ExportableState):
+    """A callback whose `kept` attributes a resumed run restores: the Trainer saves them with each checkpoint, in its
+    trainer_state.json (transformers' ExportableState), and a resumed run reads them back when training begins."""
     kept: tuple[str, ...] = ()
 
-    def state_dict(self) -> dict:
-        return {k: getattr(self, k) for k in self.kept}
+    def state(self) -> dict:
+        return {"args": {}, "attributes": {k: getattr(self, k) for k in self.kept}}
 
-    def load_state_dict(self, state: dict) -> None:
-        self.__dict__.update(state)
+    def restore(self, state) -> None:
+        saved = state.stateful_callbacks.get(type(self).__name__)
+        if saved:
+            self.__dict__.update(saved["attributes"])
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        self.restore(state)  # a fresh run's state holds the callback's own
 
 
 class KLBudget(Kept, TrainerCallback):

@@ -36,7 +36,7 @@ from pipeline.registry import Registry
 from pipeline.run import StageRun, run_stage
 from pipeline.trainer import trainer_arguments
 from reward_model.scoring import RewardModel
-from stages.alignment import (BudgetExceeded, Disagreement, GoldTracker, KLBudget, ensemble_note,
+from stages.alignment import (BudgetExceeded, Disagreement, GoldTracker, KLBudget, Kept, ensemble_note,
                               evaluate_against_start, load_scorer, reward_statistics, value_model)
 
 register_schemas()
@@ -88,16 +88,15 @@ class PromptLoader:
 class ResumablePPOTrainer(PPOTrainer):
     """TRL's PPOTrainer, resumable. Its loop already writes Trainer checkpoints when the save strategy asks (the
     policy, optimizer, scheduler, RNG states and trainer state); TRL cannot resume from them. With each one this
-    also saves the value model, the prompt loader's position and the `stateful` callbacks' state, and `resume_from`
-    restores all of it when the loop begins, which then runs only the updates left."""
+    also saves the value model and the prompt loader's position (the guards' state goes in trainer_state.json, as
+    the Trainer saves every ExportableState callback's), and `resume_from` restores all of it when the loop begins,
+    which then runs only the updates left."""
 
-    STATE = "ppo_state_{}.pt"
+    LOADER = "prompt_loader_{}.pt"
 
-    def __init__(self, *args, resume_from: str | None = None, stateful: tuple = (), on_resume=lambda update: None,
-                 **kwargs):
+    def __init__(self, *args, resume_from: str | None = None, on_resume=lambda update: None, **kwargs):
         super().__init__(*args, **kwargs)
         self.dataloader = PromptLoader(self.dataloader)
-        self.stateful = {type(cb).__name__: cb for cb in stateful}
         self.on_resume = on_resume
         if resume_from:
             self.callback_handler.callbacks.insert(0, _Restore(self, resume_from))  # before the progress bar
@@ -109,9 +108,7 @@ class ResumablePPOTrainer(PPOTrainer):
         value = self.accelerator.unwrap_model(self.model).value_model
         if self.accelerator.is_main_process:
             value.save_pretrained(out / "value_model")
-        torch.save({"loader": self.dataloader.state_dict(),
-                    "callbacks": {k: cb.state_dict() for k, cb in self.stateful.items()}},
-                   out / self.STATE.format(self.accelerator.process_index))
+        torch.save(self.dataloader.state_dict(), out / self.LOADER.format(self.accelerator.process_index))
         super()._save_checkpoint(model, trial)
 
     def save_stop(self) -> None:
@@ -121,7 +118,7 @@ class ResumablePPOTrainer(PPOTrainer):
 
     def restore(self, ckpt: str) -> None:
         saved = type(self.state).load_from_json(str(Path(ckpt) / TRAINER_STATE_NAME))  # TRL's OnlineTrainerState
-        for k in ("global_step", "episode", "epoch", "log_history"):
+        for k in ("global_step", "episode", "epoch", "log_history", "stateful_callbacks"):
             setattr(self.state, k, getattr(saved, k))
         plain = self.accelerator.unwrap_model(self.model)
         load_trainer_weights(plain.policy, Path(ckpt))
@@ -130,13 +127,14 @@ class ResumablePPOTrainer(PPOTrainer):
         self.optimizer.load_state_dict(torch.load(Path(ckpt) / OPTIMIZER_NAME, map_location=self.accelerator.device,
                                                   weights_only=True))
         self.lr_scheduler.load_state_dict(torch.load(Path(ckpt) / SCHEDULER_NAME, weights_only=True))
-        own = torch.load(Path(ckpt) / self.STATE.format(self.accelerator.process_index), weights_only=True)
-        for k, state in own["callbacks"].items():
-            self.stateful[k].load_state_dict(state)
-        stopped = any(getattr(cb, "stopped", False) for cb in self.stateful.values())
+        guards = [cb for cb in self.callback_handler.callbacks if isinstance(cb, Kept)]
+        for cb in guards:
+            cb.restore(self.state)
+        stopped = any(getattr(cb, "stopped", False) for cb in guards)
         # the loop runs args.num_total_batches updates from here: those left, none after a guard's stop
         self.args.num_total_batches = 0 if stopped else self.state.max_steps - saved.global_step
-        self.dataloader.resume(own["loader"], lambda: self._load_rng_state(ckpt))
+        loader = torch.load(Path(ckpt) / self.LOADER.format(self.accelerator.process_index), weights_only=True)
+        self.dataloader.resume(loader, lambda: self._load_rng_state(ckpt))
         self.on_resume(saved.global_step)
 
 
@@ -211,7 +209,7 @@ def ppo(run: StageRun) -> dict:
     trainer = ResumablePPOTrainer(args=args, processing_class=tok, model=policy, ref_model=reference,
                                   reward_model=scorer, value_model=value, train_dataset=train_ds, eval_dataset=eval_ds,
                                   peft_config=lora_config(cfg.peft, "CAUSAL_LM"), callbacks=callbacks,
-                                  resume_from=run.resume_from, stateful=(tracker, budget, disagreement),
+                                  resume_from=run.resume_from,
                                   on_resume=lambda n: run.log(f"Resuming {run.entry.id} from update {n} of "
                                                               f"{cfg.trainer.max_steps}"))
 

@@ -131,7 +131,8 @@ test: install
 test-all: $(EVAL_STAMP)
 	$(PY) -m pytest -q -m "not faults" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
-# Fault injection: stages killed at random points, the registry checked after each (a few minutes).
+# Fault injection: every stage killed at ten random points of its life, the registry checked after each, then rerun
+# to completion (each stage runs a dozen times: long).
 test-faults: install
 	$(PY) -m pytest -q -m faults $(PYTEST_ARGS)
 

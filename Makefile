@@ -131,8 +131,8 @@ test: install
 test-all: $(EVAL_STAMP)
 	$(PY) -m pytest -q -m "not faults" -n $(TEST_WORKERS) --dist loadfile $(PYTEST_ARGS)
 
-# Fault injection: every stage killed at ten random points of its life, the registry checked after each, then rerun
-# to completion (each stage runs a dozen times: long).
+# Fault injection: every stage killed after its first save and resumed to the uninterrupted run's model, and killed at
+# ten random points of its life, the registry checked after each, then rerun to completion (long).
 test-faults: install
 	$(PY) -m pytest -q -m faults $(PYTEST_ARGS)
 

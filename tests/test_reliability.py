@@ -98,8 +98,14 @@ def resume_equivalence(target: str, source: Path, tmp_path: Path, args: str) -> 
                                    if isinstance(v, (int, float)) and k not in TIMINGS and k in b["metrics"]}}
 
 
+# In `make test-all`, PPO (the stage's own resume) and pretraining; the others, whose resume is the Trainer's, with
+# the kill tests of `make test-faults`
+IN_TEST_ALL = ("ppo", "pretrain")
+
+
 @pytest.mark.slow
-@pytest.mark.parametrize("stage", sorted(RESUMED))
+@pytest.mark.parametrize("stage", [s if s in IN_TEST_ALL else pytest.param(s, marks=pytest.mark.faults)
+                                   for s in sorted(RESUMED)])
 def test_killed_stage_resumes_to_the_uninterrupted_model(rewarded, tmp_path, stage):
     """kill -9 after the first trainer checkpoint, a later one left half-written; the rerun resumes from the whole
     one (data position, optimizer, scheduler, RNG states; PPO's value model and guards too) and ends on the

@@ -113,8 +113,8 @@ def kill(p: subprocess.Popen) -> None:
     p.communicate()
 
 
-def kill_after_first_checkpoint(target: str, home: Path, args: str, timeout: float = 300) -> None:
-    p = start(target, home, args)
+def kill_after_first_checkpoint(target: str, home: Path, args: str, timeout: float = 300, **kw) -> None:
+    p = start(target, home, args, **kw)
     deadline = time.time() + timeout
     while time.time() < deadline and p.poll() is None and \
             not list(home.glob("checkpoints/*/trainer/checkpoint-*/trainer_state.json")):

@@ -47,9 +47,11 @@ def fine_tuned(ci_fine_tuned):
     return ci_fine_tuned
 
 
-# Each stage at ci sizes, saving every 4 steps of 12 (GRPO: 10); `make` target and its overrides
+# Each stage at ci sizes, saving every 4 steps of 12 (GRPO: 10); `make` target and its overrides, and make's
+# variables (pretrain-ddp: two processes, DDP over gloo, whose data order a resume must keep too)
 RESUMED = {
     "pretrain": ("pretrain", "trainer.max_steps=12 trainer.save_steps=4"),
+    "pretrain-ddp": ("pretrain", "trainer.max_steps=12 trainer.save_steps=4", {"NPROC": 2}),
     "sft": ("sft", "trainer.max_steps=12 trainer.save_steps=4"),
     "reward": ("reward", "trainer.max_steps=12 trainer.save_steps=4"),
     "dpo": ("dpo", "trainer.max_steps=12 trainer.save_steps=4"),
@@ -63,22 +65,22 @@ TIMINGS = ("wall_time_s", "peak_rss_mb", "steady_seconds_per_step", "train_runti
 OWN_RUN = ("train_loss", "train_tokens_per_s", "steady_tokens_per_s")
 
 
-def resume_equivalence(target: str, source: Path, tmp_path: Path, args: str) -> dict:
+def resume_equivalence(target: str, source: Path, tmp_path: Path, args: str, **make_vars) -> dict:
     """Run `make target ARGS=args` uninterrupted, and again killed with SIGKILL after its first trainer checkpoint
     and rerun, each on its own copy of the registry at `source`. Returns the update or step resumed from, the
     largest absolute difference between the two final models' weights, and each final metric's difference."""
     straight = copy_registry(source, tmp_path / "straight")
-    r = make(target, straight, args)
+    r = make(target, straight, args, **make_vars)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     home = copy_registry(source, tmp_path / "killed")
-    kill_after_first_checkpoint(target, home, args)
+    kill_after_first_checkpoint(target, home, args, **make_vars)
     # and a later save cut short, as a kill during it leaves one: files in part, trainer_state.json half-written
     saved = Path(last_trainer_checkpoint(next(home.glob("checkpoints/*/trainer"))))
     half = saved.with_name(f"checkpoint-{int(saved.name.split('-')[1]) + 1}")
     shutil.copytree(saved, half)
     (half / "optimizer.pt").unlink()
     (half / "trainer_state.json").write_text((saved / "trainer_state.json").read_text()[:200])
-    r = make(target, home, args)
+    r = make(target, home, args, **make_vars)
     assert r.returncode == 0, r.stdout[-2000:] + r.stderr[-2000:]
     resumed_from = re.search(r"Resuming \S+ from (?:update (\d+)|\S*checkpoint-(\d+))", r.stdout)
     assert resumed_from, r.stdout[-2000:]
@@ -110,9 +112,9 @@ def test_killed_stage_resumes_to_the_uninterrupted_model(rewarded, tmp_path, sta
     """kill -9 after the first trainer checkpoint, a later one left half-written; the rerun resumes from the whole
     one (data position, optimizer, scheduler, RNG states; PPO's value model and guards too) and ends on the
     uninterrupted run's weights (fp32 on CPU) and final metrics."""
-    target, own = RESUMED[stage]
+    target, own, *make_vars = RESUMED[stage]
     args = " ".join(overrides_for(target, f"{CI} eval.num_prompts=4 trainer.logging_steps=1 {own}".split()))
-    row = resume_equivalence(target, rewarded, tmp_path, args)
+    row = resume_equivalence(target, rewarded, tmp_path, args, **(make_vars[0] if make_vars else {}))
     print(f"resume equivalence {stage}: {json.dumps(row)}")
     assert row["resumed_from"] >= (2 if stage == "ppo" else 4)
     assert row["max_abs_weight_difference"] <= 1e-6
@@ -142,13 +144,13 @@ def files_of(home: Path, ids) -> dict:
 
 @pytest.mark.slow
 @pytest.mark.faults
-@pytest.mark.parametrize("stage", sorted(RESUMED))
+@pytest.mark.parametrize("stage", sorted(s for s in RESUMED if s != "pretrain-ddp"))
 def test_kills_at_random_points_lose_nothing(rewarded, tmp_path, stage):
     """SIGKILL at random times over a run's whole life (setup, training, checkpoint saves, the registry update,
     the evaluation after the model is saved), ten times, rerunning the same command after each: the registry
     never holds an entry complete without a loadable model, one attempt never completes two entries, no other
     entry's files are touched, and a last rerun completes."""
-    target, own = RESUMED[stage]
+    target, own, *_ = RESUMED[stage]
     args = " ".join(overrides_for(target, f"{CI} eval.num_prompts=4 trainer.logging_steps=1 {own}".split()))
     home = copy_registry(rewarded, tmp_path / "runs")
     others = [e["id"] for e in registry_entries(home)]

@@ -121,6 +121,7 @@ def kill_after_first_checkpoint(target: str, home: Path, args: str, timeout: flo
         time.sleep(0.2)
     assert p.poll() is None, f"make {target} ended before its first trainer checkpoint"
     time.sleep(0.5)  # trainer_state.json, the checkpoint's last file, may be half-written when it first appears
+    assert p.poll() is None, f"make {target} ended before it could be killed: give it more steps"
     kill(p)
 
 

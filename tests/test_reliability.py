@@ -47,11 +47,11 @@ def fine_tuned(ci_fine_tuned):
     return ci_fine_tuned
 
 
-# Each stage at ci sizes, saving every 4 steps of 12 (GRPO: 10); `make` target and its overrides, and make's
+# Each stage at ci sizes, saving every 4 steps of 12 (GRPO: 10, pretraining: 60); `make` target and its overrides, and make's
 # variables (pretrain-ddp: two processes, DDP over gloo, whose data order a resume must keep too)
 RESUMED = {
-    "pretrain": ("pretrain", "trainer.max_steps=12 trainer.save_steps=4"),
-    "pretrain-ddp": ("pretrain", "trainer.max_steps=12 trainer.save_steps=4", {"NPROC": 2}),
+    "pretrain": ("pretrain", "trainer.max_steps=60 trainer.save_steps=4"),  # its steps take milliseconds
+    "pretrain-ddp": ("pretrain", "trainer.max_steps=60 trainer.save_steps=4", {"NPROC": 2}),
     "sft": ("sft", "trainer.max_steps=12 trainer.save_steps=4"),
     "reward": ("reward", "trainer.max_steps=12 trainer.save_steps=4"),
     "dpo": ("dpo", "trainer.max_steps=12 trainer.save_steps=4"),

@@ -32,10 +32,12 @@ def check_data_coverage(run, tok, rows: list[dict], model, sample: int = 2000) -
                 f"{pm['corpus_tokens_per_word']:.2f} in the pretraining corpus ({pretrained.id})")
         if ratio > COVERAGE_WARNING:
             run.warn(f"the tokenizer splits this stage's words {ratio:.1f}x as finely as the pretraining "
-                     f"corpus's; frequent words split most: {split}. The model meets these words as pieces it was "
-                     f"never pretrained on and must learn to read them here. Retrain the tokenizer with this text "
-                     f"(make pretrain ARGS=\"tokenizer.extra_text=[PATH]\"), or start from a model that knows the "
-                     f"language (init_from=HUB_ID)")
+                     f"corpus's; frequent words split most: {split}. The corpus hardly uses this stage's language, "
+                     f"so the model must learn to read it here. Pretrain on text that uses it (add such text to "
+                     f"the corpus), or start from a model that knows it (init_from=HUB_ID). A tokenizer retrained "
+                     f"with this text alone (tokenizer.extra_text=[PATH]) splits the words less, but its new tokens "
+                     f"stay untrained where the corpus lacks them: measured so, it did not raise gold after SFT "
+                     f"(docs/results.md, \"The tokenizer warning's advice\")")
     if long_share > LONG_WARNING:
         run.warn(f"{long_share:.0%} of this stage's examples are longer than the {context} tokens the model "
                  f"was pretrained on: their later positions were never trained. Pretrain with a longer "

@@ -1,4 +1,5 @@
 """Shared helpers: run the project's real commands against a temporary registry, never the network."""
+import contextlib
 import json
 import os
 import shutil
@@ -105,11 +106,21 @@ def start(target: str, home: Path, args: str = "", **kw) -> subprocess.Popen:
 
 
 def kill(p: subprocess.Popen) -> None:
-    """kill -9 the whole process group: make, accelerate and the training process."""
+    """kill -9 make and every process under it: its process group (accelerate and the training process) and the
+    workers of a multi-process launch, which torch's launcher starts in groups of their own."""
+    import psutil
+
+    try:
+        tree = psutil.Process(p.pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        tree = []
     try:
         os.killpg(p.pid, signal.SIGKILL)
     except ProcessLookupError:
         pass
+    for child in tree:
+        with contextlib.suppress(psutil.NoSuchProcess):
+            child.kill()
     p.communicate()
 
 

@@ -63,7 +63,7 @@ $(STAMP): pyproject.toml Makefile $(filter-out none,$(LOCK))
 lock:
 	( echo "# The versions \`make test-all\` passed with (torch aside): make install's constraints. Refresh: make install" \
 	  "LOCK=none, make test-all, make lock."; \
-	  $(PY) -m pip freeze --exclude-editable --disable-pip-version-check | grep -iv '^torch==' ) > $(LOCK)
+	  $(PY) scripts/lock.py ) > $(LOCK)
 
 pretrain: install
 	$(LAUNCH) stages.pretrain $(STAGE_ARGS)

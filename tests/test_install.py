@@ -38,3 +38,12 @@ def test_make_install_takes_the_lock_unless_told_not_to():
     installs = [line for line in dry_run().splitlines() if "pip install" in line]
     assert installs and all("--constraint constraints.txt" in line for line in installs)
     assert not any("--constraint" in line for line in dry_run("LOCK=none").splitlines())
+
+
+def test_the_lock_holds_only_what_the_project_needs():
+    """make lock walks the project's requirements (scripts/lock.py), so a package installed by hand is not locked,
+    and a fresh install from the lock has every locked package."""
+    import runpy
+
+    needed = runpy.run_path(str(ROOT / "scripts" / "lock.py"))["needed"]()
+    assert set(pins()) <= set(needed), sorted(set(pins()) - set(needed))

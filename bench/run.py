@@ -24,14 +24,7 @@ from pathlib import Path
 import torch
 
 ROOT = Path(__file__).resolve().parent.parent
-DOC_TOKENS = 100       # the bare loop's documents: about the demo corpus's mean length in tokens
-ROUNDS = 2             # the precision table's stages and SFT's layouts measured alternately, this many times each
-# The pretraining stage and the bare loop measured alternately, this many times each, each side first in turn (so
-# that the machine's speed drifting over the rounds favours neither); their ratio is the median of the rounds'
-# ratios: a round's ratio scatters by 5-9% here
-PRETRAIN_ROUNDS = 3
-PRETRAIN_STEPS = 60    # per measurement; the first 5 steps of each are warm-up and not counted
-WARMUP_STEPS = 5
+ROUNDS = 2  # the precision table's stages and SFT's layouts measured alternately, this many times each
 
 
 def make_stage(stage: str, root: Path, args: str) -> dict:
@@ -62,53 +55,6 @@ def matmul_peak_flops(dtype: torch.dtype, n: int = 1024, seconds: float = 3.0) -
             count += 1
         best = max(best, 2 * n ** 3 * count / (time.perf_counter() - start))
     return best
-
-
-def bare_loop_tokens_per_s(pretrain: dict, steps: int) -> float:
-    """The same model (fresh, from the stage's config), batch, sequence length, document-masked attention
-    (position ids restarting every DOC_TOKENS), optimizer (the stage's: Muon with AdamW, or fused AdamW), schedule,
-    clipping and precision (fp32 weights, bf16 autocast where the stage uses it), in a plain PyTorch loop on
-    ready tensors."""
-    from transformers import AutoConfig, AutoModelForCausalLM, get_scheduler
-
-    from pipeline.optim import MuonWithAdamW
-    from pipeline.trainer import scheduler_settings
-
-    t, block = pretrain["config"]["trainer"], pretrain["config"]["data"]["block_size"]
-    torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(pretrain["path"]), dtype=torch.float32)
-    model.train()
-    if pretrain["config"].get("optimizer", "adamw") == "muon":
-        opt = MuonWithAdamW(model, lr=t["learning_rate"], weight_decay=t["weight_decay"])
-    else:
-        decay = [p for n, p in model.named_parameters() if p.ndim > 1]
-        no_decay = [p for n, p in model.named_parameters() if p.ndim <= 1]
-        opt = torch.optim.AdamW([{"params": decay, "weight_decay": t["weight_decay"]},
-                                 {"params": no_decay, "weight_decay": 0.0}], lr=t["learning_rate"], fused=True)
-    settings = scheduler_settings(t["lr_scheduler_type"], t.get("lr_scheduler_kwargs") or {})
-    sched = get_scheduler(t["lr_scheduler_type"], opt, t["warmup_steps"], steps, scheduler_specific_kwargs=settings)
-    batches = torch.randint(0, model.config.vocab_size, (steps, t["per_device_train_batch_size"], block))
-    positions = (torch.arange(block) % DOC_TOKENS).expand(t["per_device_train_batch_size"], block)
-    ends = []
-    bf16 = precision(pretrain) == "bf16"
-    for x in batches:
-        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-            loss = model(input_ids=x, position_ids=positions, labels=x).loss
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), t["max_grad_norm"])
-        opt.step()
-        sched.step()
-        opt.zero_grad(set_to_none=True)
-        ends.append(time.perf_counter())
-    per_step = (ends[-1] - ends[WARMUP_STEPS]) / (len(ends) - 1 - WARMUP_STEPS)
-    return t["per_device_train_batch_size"] * block / per_step
-
-
-def precision(pretrain: dict) -> str:
-    """The pretraining run's mixed precision as it ran here (no or bf16)."""
-    from pipeline.trainer import resolved_precision
-
-    return resolved_precision(pretrain["config"]["trainer"]["mixed_precision"], "pretrain")
 
 
 def flops_per_token(pretrain: dict) -> float:
@@ -242,7 +188,7 @@ def main() -> None:
     bench_file.write_text(json.dumps(out, indent=2))
     print()
     for k, v in out.items():
-        if k in ("precision", "time_to_quality", "scaling"):
+        if k in ("precision", "time_to_quality", "scaling") or isinstance(v, list):
             continue
         if isinstance(v, dict):
             v = ", ".join(f"{a}={b:.4g}" if isinstance(b, float) else f"{a}={b}" for a, b in v.items())
@@ -261,25 +207,15 @@ def speed(root: Path, extra: str) -> dict:
     """The speed section: the stage against the bare loop, MFU, batching, PPO phases, the precision table."""
     from pipeline.config import overrides_for
 
-    out: dict = {}
-    print(f"Pretraining stage against a bare loop, {PRETRAIN_ROUNDS} rounds of {PRETRAIN_STEPS} steps each", flush=True)
-    stage_rates, bare_rates = [], []
-    pretrain_args = (f"trainer.max_steps={PRETRAIN_STEPS} trainer.save_steps={PRETRAIN_STEPS} "
-                     f"data.max_eval_blocks=16 {extra}")
-    pretrain = None
-    for i in range(PRETRAIN_ROUNDS):
-        if i % 2:  # the bare loop first (on the previous round's model config)
-            bare_rates.append(bare_loop_tokens_per_s(pretrain, PRETRAIN_STEPS))
-        pretrain = make_stage("pretrain", root, pretrain_args)
-        stage_rates.append(pretrain["metrics"]["steady_tokens_per_s"])
-        if not i % 2:
-            bare_rates.append(bare_loop_tokens_per_s(pretrain, PRETRAIN_STEPS))
-        print(f"  stage {stage_rates[-1]:.0f} tokens/s, bare loop {bare_rates[-1]:.0f} tokens/s "
-              f"({'bare loop' if i % 2 else 'stage'} first)", flush=True)
-    out["pretrain_tokens_per_s"] = statistics.median(stage_rates)
-    out["bare_loop_tokens_per_s"] = statistics.median(bare_rates)
-    out["pretrain_vs_bare_ratio"] = statistics.median(s / b for s, b in zip(stage_rates, bare_rates))
-    out["pretrain_precision"] = precision(pretrain)
+    from bench.pretrain_vs_bare import SEGMENT_STEPS, SEGMENTS, measure
+
+    print(f"Pretraining stage against a bare loop, interleaved: {SEGMENTS} pairs of {SEGMENT_STEPS}-step segments",
+          flush=True)
+    out = measure(root, overrides_for("pretrain", extra.split()))
+    pretrain = out.pop("entry")
+    print(f"  stage {out['pretrain_tokens_per_s']:.0f} tokens/s, bare loop {out['bare_loop_tokens_per_s']:.0f} "
+          f"tokens/s: ratio {out['pretrain_vs_bare_ratio']:.3f} [{out['pretrain_vs_bare_ci_low']:.3f}, "
+          f"{out['pretrain_vs_bare_ci_high']:.3f}]", flush=True)
     print("Peak matmul rate (fp32 and bf16)", flush=True)
     peaks = {"fp32": matmul_peak_flops(torch.float32), "bf16": matmul_peak_flops(torch.bfloat16)}
     out["matmul_peak_flops_fp32"], out["matmul_peak_flops_bf16"] = peaks["fp32"], peaks["bf16"]

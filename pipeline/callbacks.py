@@ -58,11 +58,11 @@ class StepTimer(TrainerCallback):
 
 
 def standard_callbacks(run, timer_skip: int = 5) -> list[TrainerCallback]:
-    """What every stage's Trainer gets: the stop at a non-finite loss, and the step timer (kept as run.timer, whose
-    steady_seconds_per_step the run records). timer_skip: warm-up steps the timer leaves out (one for the online
-    methods, whose steps are long)."""
+    """What every stage's Trainer gets: the stop at a non-finite loss, the step timer (kept as run.timer, whose
+    steady_seconds_per_step the run records), and the callbacks its caller added (run.callbacks). timer_skip:
+    warm-up steps the timer leaves out (one for the online methods, whose steps are long)."""
     run.timer = StepTimer(skip=timer_skip)
-    return [StopOnNonFiniteLoss(), run.timer]
+    return [StopOnNonFiniteLoss(), run.timer, *run.callbacks]
 
 
 class InitialEvalLoss(TrainerCallback):

@@ -57,6 +57,7 @@ class StageRun:
     inputs: dict[str, Resolved] = field(default_factory=dict)  # the checkpoints this stage starts from
     saved: bool = False  # the trained model is in the entry's directory (set by save_hf_directory)
     timer: Optional[StepTimer] = None  # the step timer of standard_callbacks
+    callbacks: list = field(default_factory=list)  # Trainer callbacks a caller adds to the stage's (a benchmark's)
 
     @classmethod
     def standalone(cls, stage: str, cfg: StageConfig, root: str | Path) -> "StageRun":

@@ -54,3 +54,30 @@ def test_the_cost_slope_and_its_plot(tmp_path):
               for m, p in (("tiny", 1e5), ("small", 3e6), ("medium", 2.5e7)) for n in (128, 256, 512)]
     plot(points, tmp_path / "scaling.png")
     assert (tmp_path / "scaling.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_interval_of_a_ratio_of_sums_over_segment_pairs():
+    from bench.pretrain_vs_bare import interval
+
+    assert interval([2.0] * 6, [1.8] * 6) == pytest.approx((0.9, 0.9))  # every pair the same ratio
+    low, high = interval([1.0, 1.0, 1.0, 1.0], [0.8, 1.2, 0.9, 1.1])
+    assert 0.8 <= low < 1.0 < high <= 1.2
+
+
+@pytest.mark.slow
+def test_the_stage_and_the_bare_loop_run_in_alternating_segments(tmp_path):
+    """The real stage (a complete entry) with the bare loop run between its segments: one bare segment per stage
+    segment, each stage segment timed from the end of the bare one before it, and the ratio their totals'."""
+    from bench.pretrain_vs_bare import measure
+    from pipeline.registry import Registry
+
+    out = measure(tmp_path, ["experiment=ci"], segments=3, segment=2, profile_dir=tmp_path / "profile")
+    pairs = out["pretrain_vs_bare_segments"]
+    assert len(pairs) == 3 and all(p["stage_s"] > 0 and p["bare_s"] > 0 for p in pairs)
+    ratio = sum(p["bare_s"] for p in pairs) / sum(p["stage_s"] for p in pairs)
+    assert out["pretrain_vs_bare_ratio"] == pytest.approx(ratio)
+    assert out["pretrain_vs_bare_ci_low"] <= ratio <= out["pretrain_vs_bare_ci_high"]
+    entry = Registry(tmp_path).resolve("pretrain:latest").entry
+    assert entry.id == out["entry"]["id"] and entry.metrics["global_step"] == 5 + 3 * 2
+    for side in ("stage", "bare"):
+        assert "aten::mm" in (tmp_path / "profile" / f"{side}.txt").read_text()

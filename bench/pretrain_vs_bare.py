@@ -1,0 +1,198 @@
+"""The pretraining stage against a bare PyTorch loop, interleaved in one process so that the machine's drift cancels.
+
+The stage runs as `make pretrain` runs it (run_stage, its Trainer, data, collator, callbacks and optimizer); a
+callback stops it every `segment` steps and runs the same number of bare-loop steps on a model of the same config.
+Each pair of segments (stage, then bare loop) is a few seconds apart, so a machine whose speed drifts by a third
+over an hour runs both at the same speed; the ratio is the total over all segments and its 95% interval a
+bootstrap over the segment pairs.
+
+    python -m bench.pretrain_vs_bare [hydra overrides]   # prints the ratio; make bench records it in bench.json
+    python -m bench.pretrain_vs_bare --profile DIR [...] # and the operator tables of a stage and a bare segment
+"""
+from __future__ import annotations
+
+import random
+import sys
+import time
+from pathlib import Path
+
+import torch
+from transformers import AutoModelForCausalLM, TrainerCallback, get_scheduler
+
+ROOT = Path(__file__).resolve().parent.parent
+DOC_TOKENS = 100  # the bare loop's documents: about the demo corpus's mean length in tokens
+WARMUP_STEPS = 5  # stage steps before the first segment (allocations, first calls), not counted
+SEGMENTS = 12     # segment pairs; the interval narrows as their count grows
+SEGMENT_STEPS = 10
+
+
+class BareLoop:
+    """The stage's model (fresh, from its config), batch, sequence length, document-masked attention (position ids
+    restarting every DOC_TOKENS), optimizer (Muon with AdamW, or fused AdamW), schedule, clipping and precision
+    (fp32 weights, bf16 autocast where the stage uses it), in a plain PyTorch loop on ready tensors."""
+
+    def __init__(self, model_config, cfg, precision: str, total_steps: int):
+        from pipeline.optim import MuonWithAdamW
+        from pipeline.trainer import scheduler_settings
+
+        t, block = cfg.trainer, cfg.data.block_size
+        torch.manual_seed(0)
+        self.model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+        self.model.train()
+        if cfg.optimizer == "muon":
+            self.opt = MuonWithAdamW(self.model, lr=t.learning_rate, weight_decay=t.weight_decay)
+        else:
+            params = [p for p in self.model.parameters()]
+            self.opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": t.weight_decay},
+                                          {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
+                                         lr=t.learning_rate, fused=True)
+        settings = scheduler_settings(t.lr_scheduler_type, dict(t.lr_scheduler_kwargs or {}))
+        self.sched = get_scheduler(t.lr_scheduler_type, self.opt, t.warmup_steps, total_steps,
+                                   scheduler_specific_kwargs=settings)
+        self.batches = torch.randint(0, model_config.vocab_size, (8, t.per_device_train_batch_size, block))
+        self.positions = (torch.arange(block) % DOC_TOKENS).expand(t.per_device_train_batch_size, block)
+        self.max_grad_norm, self.bf16 = t.max_grad_norm, precision == "bf16"
+        self.done = 0
+
+    def run(self, steps: int) -> float:
+        """`steps` training steps; their seconds."""
+        start = time.perf_counter()
+        for _ in range(steps):
+            x = self.batches[self.done % len(self.batches)]
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+                loss = self.model(input_ids=x, position_ids=self.positions, labels=x).loss
+            loss.backward()
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
+            self.opt.step()
+            self.sched.step()
+            self.opt.zero_grad(set_to_none=True)
+            self.done += 1
+        return time.perf_counter() - start
+
+
+class Interleave(TrainerCallback):
+    """After WARMUP_STEPS stage steps, every `segment` stage steps: the stage segment's seconds (every step's work,
+    the Trainer's data loading, logging and callbacks included), then `segment` bare-loop steps and theirs."""
+
+    def __init__(self, run, precision: str, segments: int, segment: int, profile_dir: Path | None = None):
+        self.run, self.precision, self.segments, self.segment = run, precision, segments, segment
+        self.profile_dir = profile_dir
+        self.stage_s: list[float] = []
+        self.bare_s: list[float] = []
+        self.bare = None
+        self.started = 0.0
+        self.profiler = None
+
+    def on_train_begin(self, args, state, control, model=None, **kwargs):
+        self.bare = BareLoop(model.config, self.run.cfg, self.precision, args.max_steps)
+        self.bare.run(WARMUP_STEPS)
+
+    def on_step_end(self, args, state, control, **kwargs):
+        now = time.perf_counter()
+        done = state.global_step - WARMUP_STEPS
+        if done < 0 or len(self.stage_s) == self.segments:
+            return
+        if done == 0:
+            self._profile_start("stage")
+            self.started = time.perf_counter()
+        elif done % self.segment == 0:
+            self.stage_s.append(now - self.started)
+            self._profile_stop()
+            self._profile_start("bare")
+            self.bare_s.append(self.bare.run(self.segment))
+            self._profile_stop()
+            if len(self.stage_s) < self.segments:
+                self._profile_start("stage")
+            self.started = time.perf_counter()
+
+    def _profile_start(self, side: str) -> None:
+        """The first segment of each side under torch.profiler (when asked): its operator table."""
+        if self.profile_dir is None or (Path(self.profile_dir) / f"{side}.txt").exists():
+            return
+        self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
+        self.profiler.side = side
+        self.profiler.__enter__()
+
+    def _profile_stop(self) -> None:
+        if self.profiler is None:
+            return
+        p, self.profiler = self.profiler, None
+        p.__exit__(None, None, None)
+        table = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
+        Path(self.profile_dir).mkdir(parents=True, exist_ok=True)
+        (Path(self.profile_dir) / f"{p.side}.txt").write_text(table)
+
+
+def interval(stage_s: list[float], bare_s: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+    """95% bootstrap interval of sum(bare) / sum(stage) over the segment pairs."""
+    rng = random.Random(seed)
+    n, ratios = len(stage_s), []
+    for _ in range(draws):
+        picks = [rng.randrange(n) for _ in range(n)]
+        ratios.append(sum(bare_s[i] for i in picks) / sum(stage_s[i] for i in picks))
+    ratios.sort()
+    return ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]
+
+
+def measure(root: Path, overrides: list[str], segments: int = SEGMENTS, segment: int = SEGMENT_STEPS,
+            profile_dir: Path | None = None) -> dict:
+    """Run the pretraining stage into the registry at root with the bare loop interleaved; the stage's entry (as
+    bench.run's make_stage gives it) and the figures."""
+    from hydra import compose, initialize_config_dir
+
+    from pipeline.config import register_schemas
+    from pipeline.registry import Registry
+    from pipeline.run import run_stage
+    from pipeline.trainer import resolved_precision
+    from stages.pretrain import inputs, pretrain
+
+    register_schemas()
+    steps = WARMUP_STEPS + segments * segment
+    with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
+        cfg = compose("pretrain", overrides=[f"registry.root={root}", "logging=none", *overrides,
+                                             f"trainer.max_steps={steps}", f"trainer.save_steps={steps}",
+                                             "resume=never"])
+    precision = resolved_precision(cfg.trainer.mixed_precision, "pretrain")
+    interleave = None
+
+    def body(run):
+        nonlocal interleave
+        interleave = Interleave(run, precision, segments, segment, profile_dir)
+        run.callbacks.append(interleave)
+        return pretrain(run)
+
+    torch.set_float32_matmul_precision("high")  # as stages.pretrain's main
+    run_stage("pretrain", cfg, body, inputs)
+    entry = Registry(root).resolve("pretrain:latest").entry
+    tokens = cfg.trainer.per_device_train_batch_size * cfg.data.block_size * segment
+    stage_s, bare_s = interleave.stage_s, interleave.bare_s
+    low, high = interval(stage_s, bare_s)
+    return {"entry": {"id": entry.id, "path": entry.path, "config": entry.config, "metrics": entry.metrics},
+            "pretrain_tokens_per_s": tokens * len(stage_s) / sum(stage_s),
+            "bare_loop_tokens_per_s": tokens * len(bare_s) / sum(bare_s),
+            "pretrain_vs_bare_ratio": sum(bare_s) / sum(stage_s),
+            "pretrain_vs_bare_ci_low": low, "pretrain_vs_bare_ci_high": high,
+            "pretrain_vs_bare_segments": [{"stage_s": s, "bare_s": b} for s, b in zip(stage_s, bare_s)],
+            "pretrain_precision": precision}
+
+
+def main() -> None:
+    from pipeline.registry import default_root
+
+    argv, profile_dir = sys.argv[1:], None
+    if "--profile" in argv:
+        i = argv.index("--profile")
+        profile_dir, argv = Path(argv[i + 1]), argv[:i] + argv[i + 2:]
+    root = Path(default_root()).resolve() / "bench"
+    out = measure(root, argv, profile_dir=profile_dir)
+    for s in out["pretrain_vs_bare_segments"]:
+        print(f"  stage {s['stage_s']:.3f} s, bare loop {s['bare_s']:.3f} s, ratio {s['bare_s'] / s['stage_s']:.3f}")
+    print(f"pretraining stage {out['pretrain_tokens_per_s']:.0f} tokens/s, bare loop {out['bare_loop_tokens_per_s']:.0f} "
+          f"tokens/s ({out['pretrain_precision']}): ratio {out['pretrain_vs_bare_ratio']:.3f} "
+          f"[{out['pretrain_vs_bare_ci_low']:.3f}, {out['pretrain_vs_bare_ci_high']:.3f}]")
+    if profile_dir:
+        print(f"operator tables: {profile_dir}/stage.txt, {profile_dir}/bare.txt")
+
+
+if __name__ == "__main__":
+    main()

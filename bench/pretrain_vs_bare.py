@@ -7,7 +7,7 @@ over an hour runs both at the same speed; the ratio is the total over all segmen
 bootstrap over the segment pairs.
 
     python -m bench.pretrain_vs_bare [hydra overrides]   # prints the ratio; make bench records it in bench.json
-    python -m bench.pretrain_vs_bare --profile DIR [...] # and the operator tables of a stage and a bare segment
+    python -m bench.pretrain_vs_bare --profile DIR [...] # and each side's whole operator table
 """
 from __future__ import annotations
 
@@ -72,13 +72,17 @@ class BareLoop:
 
 class Interleave(TrainerCallback):
     """After WARMUP_STEPS stage steps, every `segment` stage steps: the stage segment's seconds (every step's work,
-    the Trainer's data loading, logging and callbacks included), then `segment` bare-loop steps and theirs."""
+    the Trainer's data loading, logging and callbacks included), then `segment` bare-loop steps and theirs. One
+    more pair after the measured ones runs under torch.profiler: each side's time per step in each operator, and
+    outside them (Python: the Trainer, the data, the callbacks; the bare loop's few lines)."""
 
     def __init__(self, run, precision: str, segments: int, segment: int, profile_dir: Path | None = None):
         self.run, self.precision, self.segments, self.segment = run, precision, segments, segment
         self.profile_dir = profile_dir
         self.stage_s: list[float] = []
         self.bare_s: list[float] = []
+        self.ops: dict[str, dict[str, float]] = {}  # side -> operator -> self seconds a step, under the profiler
+        self.outside_ops: dict[str, float] = {}      # side -> seconds a step outside every operator
         self.bare = None
         self.started = 0.0
         self.profiler = None
@@ -90,37 +94,43 @@ class Interleave(TrainerCallback):
     def on_step_end(self, args, state, control, **kwargs):
         now = time.perf_counter()
         done = state.global_step - WARMUP_STEPS
-        if done < 0 or len(self.stage_s) == self.segments:
+        if done < 0 or done % self.segment or done > (self.segments + 1) * self.segment:
             return
-        if done == 0:
-            self._profile_start("stage")
-            self.started = time.perf_counter()
-        elif done % self.segment == 0:
+        if done and self.profiler is None:  # a measured stage segment ended: as many bare-loop steps
             self.stage_s.append(now - self.started)
-            self._profile_stop()
-            self._profile_start("bare")
             self.bare_s.append(self.bare.run(self.segment))
-            self._profile_stop()
-            if len(self.stage_s) < self.segments:
-                self._profile_start("stage")
-            self.started = time.perf_counter()
-
-    def _profile_start(self, side: str) -> None:
-        """The first segment of each side under torch.profiler (when asked): its operator table."""
-        if self.profile_dir is None or (Path(self.profile_dir) / f"{side}.txt").exists():
+        elif done:  # the profiled pair
+            self._profiled("stage", now - self.started)
+            self._start_profiler()
+            self._profiled("bare", self.bare.run(self.segment))
             return
+        if len(self.stage_s) == self.segments:
+            self._start_profiler()
+        self.started = time.perf_counter()
+
+    def _start_profiler(self) -> None:
         self.profiler = torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU])
-        self.profiler.side = side
         self.profiler.__enter__()
 
-    def _profile_stop(self) -> None:
-        if self.profiler is None:
-            return
+    def _profiled(self, side: str, seconds: float) -> None:
         p, self.profiler = self.profiler, None
         p.__exit__(None, None, None)
-        table = p.key_averages().table(sort_by="self_cpu_time_total", row_limit=40)
-        Path(self.profile_dir).mkdir(parents=True, exist_ok=True)
-        (Path(self.profile_dir) / f"{p.side}.txt").write_text(table)
+        events = p.key_averages()
+        self.ops[side] = {e.key: e.self_cpu_time_total / 1e6 / self.segment for e in events}
+        self.outside_ops[side] = seconds / self.segment - sum(self.ops[side].values())
+        if self.profile_dir is not None:
+            Path(self.profile_dir).mkdir(parents=True, exist_ok=True)
+            (Path(self.profile_dir) / f"{side}.txt").write_text(
+                events.table(sort_by="self_cpu_time_total", row_limit=40))
+
+    def gap(self, top: int = 8) -> list[dict]:
+        """The operators whose time a step differs most between the stage and the bare loop (ms)."""
+        stage, bare = self.ops["stage"], self.ops["bare"]
+        rows = [{"op": k, "stage_ms": 1e3 * stage.get(k, 0.0), "bare_ms": 1e3 * bare.get(k, 0.0)}
+                for k in set(stage) | set(bare)]
+        rows.append({"op": "(outside operators)", "stage_ms": 1e3 * self.outside_ops["stage"],
+                     "bare_ms": 1e3 * self.outside_ops["bare"]})
+        return sorted(rows, key=lambda r: -abs(r["stage_ms"] - r["bare_ms"]))[:top]
 
 
 def interval(stage_s: list[float], bare_s: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
@@ -147,7 +157,7 @@ def measure(root: Path, overrides: list[str], segments: int = SEGMENTS, segment:
     from stages.pretrain import inputs, pretrain
 
     register_schemas()
-    steps = WARMUP_STEPS + segments * segment
+    steps = WARMUP_STEPS + (segments + 1) * segment  # warm-up, the measured segments and the profiled one
     with initialize_config_dir(config_dir=str(ROOT / "conf"), version_base="1.3"):
         cfg = compose("pretrain", overrides=[f"registry.root={root}", "logging=none", *overrides,
                                              f"trainer.max_steps={steps}", f"trainer.save_steps={steps}",
@@ -173,6 +183,7 @@ def measure(root: Path, overrides: list[str], segments: int = SEGMENTS, segment:
             "pretrain_vs_bare_ratio": sum(bare_s) / sum(stage_s),
             "pretrain_vs_bare_ci_low": low, "pretrain_vs_bare_ci_high": high,
             "pretrain_vs_bare_segments": [{"stage_s": s, "bare_s": b} for s, b in zip(stage_s, bare_s)],
+            "pretrain_vs_bare_gap_ms": interleave.gap(),
             "pretrain_precision": precision}
 
 
@@ -190,8 +201,17 @@ def main() -> None:
     print(f"pretraining stage {out['pretrain_tokens_per_s']:.0f} tokens/s, bare loop {out['bare_loop_tokens_per_s']:.0f} "
           f"tokens/s ({out['pretrain_precision']}): ratio {out['pretrain_vs_bare_ratio']:.3f} "
           f"[{out['pretrain_vs_bare_ci_low']:.3f}, {out['pretrain_vs_bare_ci_high']:.3f}]")
+    print(gap_table(out["pretrain_vs_bare_gap_ms"]))
     if profile_dir:
         print(f"operator tables: {profile_dir}/stage.txt, {profile_dir}/bare.txt")
+
+
+def gap_table(rows: list[dict]) -> str:
+    """Where a stage step's time differs from a bare-loop step's, under torch.profiler."""
+    lines = [f"  {'ms a step, under torch.profiler':48s} {'stage':>8s} {'bare':>8s} {'stage - bare':>13s}"]
+    lines += [f"  {r['op'][:48]:48s} {r['stage_ms']:8.2f} {r['bare_ms']:8.2f} {r['stage_ms'] - r['bare_ms']:+13.2f}"
+              for r in rows]
+    return "\n".join(lines)
 
 
 if __name__ == "__main__":

@@ -207,7 +207,7 @@ def speed(root: Path, extra: str) -> dict:
     """The speed section: the stage against the bare loop, MFU, batching, PPO phases, the precision table."""
     from pipeline.config import overrides_for
 
-    from bench.pretrain_vs_bare import SEGMENT_STEPS, SEGMENTS, measure
+    from bench.pretrain_vs_bare import SEGMENT_STEPS, SEGMENTS, gap_table, measure
 
     print(f"Pretraining stage against a bare loop, interleaved: {SEGMENTS} pairs of {SEGMENT_STEPS}-step segments",
           flush=True)
@@ -216,6 +216,7 @@ def speed(root: Path, extra: str) -> dict:
     print(f"  stage {out['pretrain_tokens_per_s']:.0f} tokens/s, bare loop {out['bare_loop_tokens_per_s']:.0f} "
           f"tokens/s: ratio {out['pretrain_vs_bare_ratio']:.3f} [{out['pretrain_vs_bare_ci_low']:.3f}, "
           f"{out['pretrain_vs_bare_ci_high']:.3f}]", flush=True)
+    print(gap_table(out["pretrain_vs_bare_gap_ms"]), flush=True)
     print("Peak matmul rate (fp32 and bf16)", flush=True)
     peaks = {"fp32": matmul_peak_flops(torch.float32), "bf16": matmul_peak_flops(torch.bfloat16)}
     out["matmul_peak_flops_fp32"], out["matmul_peak_flops_bf16"] = peaks["fp32"], peaks["bf16"]

@@ -31,35 +31,36 @@ class BareLoop:
     restarting every DOC_TOKENS), optimizer (Muon with AdamW, or fused AdamW), schedule, clipping and precision
     (fp32 weights, bf16 autocast where the stage uses it), in a plain PyTorch loop on ready tensors."""
 
-    def __init__(self, model_config, cfg, precision: str, total_steps: int):
+    def __init__(self, model_config, cfg, precision: str, total_steps: int, device: torch.device):
         from pipeline.optim import MuonWithAdamW
         from pipeline.trainer import scheduler_settings
 
-        t, block = cfg.trainer, cfg.data.block_size
+        t, block, batch = cfg.trainer, cfg.data.block_size, cfg.trainer.per_device_train_batch_size
         torch.manual_seed(0)
-        self.model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32)
+        self.model = AutoModelForCausalLM.from_config(model_config, dtype=torch.float32).to(device)
         self.model.train()
         if cfg.optimizer == "muon":
             self.opt = MuonWithAdamW(self.model, lr=t.learning_rate, weight_decay=t.weight_decay)
         else:
-            params = [p for p in self.model.parameters()]
-            self.opt = torch.optim.AdamW([{"params": [p for p in params if p.ndim > 1], "weight_decay": t.weight_decay},
-                                          {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}],
-                                         lr=t.learning_rate, fused=True)
+            params = list(self.model.parameters())
+            groups = [{"params": [p for p in params if p.ndim > 1], "weight_decay": t.weight_decay},
+                      {"params": [p for p in params if p.ndim <= 1], "weight_decay": 0.0}]
+            self.opt = torch.optim.AdamW(groups, lr=t.learning_rate, fused=True)
         settings = scheduler_settings(t.lr_scheduler_type, dict(t.lr_scheduler_kwargs or {}))
         self.sched = get_scheduler(t.lr_scheduler_type, self.opt, t.warmup_steps, total_steps,
                                    scheduler_specific_kwargs=settings)
-        self.batches = torch.randint(0, model_config.vocab_size, (8, t.per_device_train_batch_size, block))
-        self.positions = (torch.arange(block) % DOC_TOKENS).expand(t.per_device_train_batch_size, block)
-        self.max_grad_norm, self.bf16 = t.max_grad_norm, precision == "bf16"
+        self.batches = torch.randint(0, model_config.vocab_size, (8, batch, block), device=device)
+        self.positions = (torch.arange(block, device=device) % DOC_TOKENS).expand(batch, block)
+        self.max_grad_norm, self.bf16, self.device = t.max_grad_norm, precision == "bf16", device
         self.done = 0
 
     def run(self, steps: int) -> float:
         """`steps` training steps; their seconds."""
+        synchronize(self.device)
         start = time.perf_counter()
         for _ in range(steps):
             x = self.batches[self.done % len(self.batches)]
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16):
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                 loss = self.model(input_ids=x, position_ids=self.positions, labels=x).loss
             loss.backward()
             torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.max_grad_norm)
@@ -67,7 +68,14 @@ class BareLoop:
             self.sched.step()
             self.opt.zero_grad(set_to_none=True)
             self.done += 1
+        synchronize(self.device)
         return time.perf_counter() - start
+
+
+def synchronize(device: torch.device) -> None:
+    """Wait for a GPU's queued work, so that a segment's seconds hold all of its steps (a no-op on CPU)."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
 
 
 class Interleave(TrainerCallback):
@@ -84,14 +92,17 @@ class Interleave(TrainerCallback):
         self.ops: dict[str, dict[str, float]] = {}  # side -> operator -> self seconds a step, under the profiler
         self.outside_ops: dict[str, float] = {}      # side -> seconds a step outside every operator
         self.bare = None
+        self.device = torch.device("cpu")
         self.started = 0.0
         self.profiler = None
 
     def on_train_begin(self, args, state, control, model=None, **kwargs):
-        self.bare = BareLoop(model.config, self.run.cfg, self.precision, args.max_steps)
+        self.device = next(model.parameters()).device
+        self.bare = BareLoop(model.config, self.run.cfg, self.precision, args.max_steps, self.device)
         self.bare.run(WARMUP_STEPS)
 
     def on_step_end(self, args, state, control, **kwargs):
+        synchronize(self.device)
         now = time.perf_counter()
         done = state.global_step - WARMUP_STEPS
         if done < 0 or done % self.segment or done > (self.segments + 1) * self.segment:
@@ -198,8 +209,9 @@ def main() -> None:
     out = measure(root, argv, profile_dir=profile_dir)
     for s in out["pretrain_vs_bare_segments"]:
         print(f"  stage {s['stage_s']:.3f} s, bare loop {s['bare_s']:.3f} s, ratio {s['bare_s'] / s['stage_s']:.3f}")
-    print(f"pretraining stage {out['pretrain_tokens_per_s']:.0f} tokens/s, bare loop {out['bare_loop_tokens_per_s']:.0f} "
-          f"tokens/s ({out['pretrain_precision']}): ratio {out['pretrain_vs_bare_ratio']:.3f} "
+    print(f"pretraining stage {out['pretrain_tokens_per_s']:.0f} tokens/s, "
+          f"bare loop {out['bare_loop_tokens_per_s']:.0f} tokens/s ({out['pretrain_precision']}): "
+          f"ratio {out['pretrain_vs_bare_ratio']:.3f} "
           f"[{out['pretrain_vs_bare_ci_low']:.3f}, {out['pretrain_vs_bare_ci_high']:.3f}]")
     print(gap_table(out["pretrain_vs_bare_gap_ms"]))
     if profile_dir:

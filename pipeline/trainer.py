@@ -14,8 +14,8 @@ CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in Trai
     else "gradient_checkpointing"
 # The stages that auto runs in bf16 on a CPU whose bf16 matmuls are AVX-512 BF16 alone (about twice the fp32 rate,
 # not AMX's several times): pretraining, whose large matmuls gain. The fine-tuning stages gain little or lose
-# there, SFT in bf16 lost gold (docs/results.md, "Time to quality"), and the reward model in bf16 had not met its
-# accuracy mark by the step fp32 met it ("The reward stage in bf16 against fp32").
+# there, SFT in bf16 lost gold (docs/results.md, "Time to quality"), and the reward model in bf16 met its accuracy
+# mark at fp32's step on one seed of two, later on the other ("The reward stage in bf16 against fp32").
 AVX512_BF16_STAGES = ("pretrain",)
 
 

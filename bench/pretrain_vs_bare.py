@@ -11,13 +11,14 @@ bootstrap over the segment pairs.
 """
 from __future__ import annotations
 
-import random
 import sys
 import time
 from pathlib import Path
 
 import torch
 from transformers import AutoModelForCausalLM, TrainerCallback, get_scheduler
+
+from pipeline.evaluation import bootstrap_interval
 
 ROOT = Path(__file__).resolve().parent.parent
 DOC_TOKENS = 100  # the bare loop's documents: about the demo corpus's mean length in tokens
@@ -144,15 +145,12 @@ class Interleave(TrainerCallback):
         return sorted(rows, key=lambda r: -abs(r["stage_ms"] - r["bare_ms"]))[:top]
 
 
-def interval(stage_s: list[float], bare_s: list[float], draws: int = 2000, seed: int = 0) -> tuple[float, float]:
+def interval(stage_s: list[float], bare_s: list[float]) -> tuple[float, float]:
     """95% bootstrap interval of sum(bare) / sum(stage) over the segment pairs."""
-    rng = random.Random(seed)
-    n, ratios = len(stage_s), []
-    for _ in range(draws):
-        picks = [rng.randrange(n) for _ in range(n)]
-        ratios.append(sum(bare_s[i] for i in picks) / sum(stage_s[i] for i in picks))
-    ratios.sort()
-    return ratios[int(0.025 * draws)], ratios[int(0.975 * draws) - 1]
+    import numpy as np
+
+    stage, bare = np.asarray(stage_s), np.asarray(bare_s)
+    return bootstrap_interval(lambda picks: bare[picks].sum(axis=1) / stage[picks].sum(axis=1), len(stage))
 
 
 def measure(root: Path, overrides: list[str], segments: int = SEGMENTS, segment: int = SEGMENT_STEPS,

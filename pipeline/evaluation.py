@@ -96,9 +96,19 @@ def paired_bootstrap(before: list[float], after: list[float], level: float = 0.9
     if len(before) != len(after) or not before:
         raise ValueError(f"paired_bootstrap needs two equal, non-empty lists (got {len(before)} and {len(after)})")
     diff = np.asarray(after, dtype=float) - np.asarray(before, dtype=float)
-    means = diff[np.random.default_rng(seed).integers(0, diff.size, (resamples, diff.size))].mean(axis=1)
-    low, high = np.quantile(means, [(1 - level) / 2, (1 + level) / 2])
-    return float(diff.mean()), float(low), float(high)
+    low, high = bootstrap_interval(lambda picks: diff[picks].mean(axis=1), diff.size, level, resamples, seed)
+    return float(diff.mean()), low, high
+
+
+def bootstrap_interval(statistic, n: int, level: float = 0.95, resamples: int = 10000,
+                       seed: int = 0) -> tuple[float, float]:
+    """Percentile bootstrap interval of a statistic of n paired items: statistic(picks) takes the resamples' item
+    indices (an array of resamples x n, drawn with replacement) and returns one value per resample."""
+    import numpy as np
+
+    picks = np.random.default_rng(seed).integers(0, n, (resamples, n))
+    low, high = np.quantile(statistic(picks), [(1 - level) / 2, (1 + level) / 2])
+    return float(low), float(high)
 
 
 # Held-out prompts below which an evaluation's gains cannot support a conclusion: the log and the report say so.

@@ -194,6 +194,46 @@ class MemberStack(nn.Module):
         return SequenceClassifierOutputWithPast(logits=logits[torch.arange(len(last), device=logits.device), last])
 
 
+class Unpadded(nn.Module):
+    """A backbone that reads only the tokens its attention mask keeps. The online trainers score rollouts padded on
+    both sides (prompts on the left to the longest prompt, responses on the right to response_length), so a scoring
+    pass over the padded batch spends much of its work on padding. The rows are sorted by their number of kept
+    tokens and run in buckets of `bucket` rows, each packed to its longest row with the positions the full call
+    would have given them; the hidden states go back where the tokens were (zeros at padding, which no reader uses).
+    Every kept token attends to the same tokens at the same positions as in the full call."""
+
+    def __init__(self, backbone: nn.Module, bucket: int = 16):
+        super().__init__()
+        self.backbone, self.bucket = backbone, bucket
+
+    def forward(self, input_ids=None, attention_mask=None, position_ids=None, **kwargs):
+        if attention_mask is None or input_ids is None or attention_mask.all():
+            return self.backbone(input_ids=input_ids, attention_mask=attention_mask, position_ids=position_ids,
+                                 **kwargs)
+        kwargs.pop("output_hidden_states", None)
+        kwargs.pop("return_dict", None)
+        rows, width = input_ids.shape
+        keep = attention_mask.bool()
+        if position_ids is None:  # what the model itself would use: the column
+            position_ids = torch.arange(width, device=input_ids.device).expand(rows, width)
+        lengths = keep.sum(1)
+        # each row's kept columns first, in order (a stable sort puts False after True)
+        columns = torch.sort((~keep).to(torch.int8), dim=1, stable=True).indices
+        where, values = [], []
+        for chunk in lengths.argsort(descending=True).split(self.bucket):
+            size = max(int(lengths[chunk].max()), 1)
+            cols = columns[chunk, :size]
+            packed = torch.arange(size, device=input_ids.device) < lengths[chunk, None]
+            out = self.backbone(input_ids=input_ids[chunk].gather(1, cols), attention_mask=packed.long(),
+                                position_ids=position_ids[chunk].gather(1, cols), **kwargs).last_hidden_state
+            where.append((chunk[:, None] * width + cols)[packed])
+            values.append(out[packed])
+        values = torch.cat(values)
+        hidden = values.new_zeros(rows * width, values.shape[-1]).index_put((torch.cat(where),), values)
+        hidden = hidden.view(rows, width, -1)
+        return BaseModelOutputWithPast(last_hidden_state=hidden, hidden_states=(hidden,))
+
+
 def match_tokenizer(model, tokenizer) -> None:
     """Grow the embeddings to the tokenizer's vocabulary and make the model's special tokens the tokenizer's;
     a generative model also gets a generation config with them."""

@@ -23,7 +23,7 @@ from pipeline.config import GenerationEvalConfig
 from pipeline.errors import PipelineError
 from pipeline.evaluation import (MIN_EVAL_PROMPTS, flaw_rates, gain, generate_responses, judge, response_logprobs,
                                  sample_responses, with_interval)
-from pipeline.models import ensemble_members, load_reward_model
+from pipeline.models import Unpadded, ensemble_members, load_reward_model
 from reward_model.scoring import STATS_FILE, RewardModel
 
 
@@ -75,11 +75,12 @@ def reward_statistics(path: str, normalize: bool, members: int = 1) -> dict:
 
 
 def load_scorer(path: str, trust_remote_code: bool, stats: dict, combine: str = "none", coef: float = 1.0):
-    """The reward model as the online trainers call it: its head replaced by EnsembleReward (normalised members,
-    combined into one reward)."""
+    """The reward model as the online trainers call it: its backbone reading only the tokens the attention mask
+    keeps (Unpadded), its head replaced by EnsembleReward (normalised members, combined into one reward)."""
     scorer, tok = load_reward_model(path, trust_remote_code)
     head = EnsembleReward(scorer.score, stats["member_mean"], stats["member_std"], combine, coef)
-    backbone = getattr(scorer, scorer.base_model_prefix)
+    backbone = Unpadded(getattr(scorer, scorer.base_model_prefix))  # rollouts are padded on both sides
+    setattr(scorer, scorer.base_model_prefix, backbone)
     backbone.register_forward_pre_hook(lambda module, args, kwargs: setattr(head, "mask", kwargs.get(
         "attention_mask")), with_kwargs=True)
     scorer.score = head

@@ -5,6 +5,7 @@
     load_causal_lm(name_or_path)           (model, tokenizer): a hub model to pretrain on, a policy to fine-tune
     load_reward_model(name_or_path)        (model, tokenizer): a score head (one output per member) on a checkpoint
     load_as_saved(name_or_path)            (model, tokenizer) exactly as saved, for generation (the chat CLI)
+    Unpadded(backbone)                     a backbone that reads only the tokens its attention mask keeps
 
 A name is a local Hugging Face directory or a hub id. Every tokenizer has what the later stages need (pad !=
 eos, chat markers and template: pipeline.tokenizer.add_pipeline_tokens); every model matches it (embeddings

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 from safetensors.torch import load_file
-from transformers import LlamaConfig, LlamaForSequenceClassification
+from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaForSequenceClassification
 from trl.experimental.utils import get_reward
 
 from bench.overopt import gao_fit, gold_drop_update
@@ -131,10 +131,15 @@ def test_disagreement_is_read_where_the_reward_is_read(tok, tmp_path, kind):
     assert scorer.score.disagreement == pytest.approx(members.std(1, unbiased=False).tolist(), abs=1e-5)
 
 
-def test_an_unpadded_backbone_gives_every_kept_token_the_full_calls_hidden_state(tok, tmp_path):
+@pytest.mark.parametrize("arch", ["llama", "gpt2"])  # rotary positions, and absolute ones that must be carried over
+def test_an_unpadded_backbone_gives_every_kept_token_the_full_calls_hidden_state(tok, tmp_path, arch):
     """Rows padded on both sides, as PPO's rollouts are, run in buckets of two rows: at every kept token the hidden
     state and its gradient are the full padded call's, with TRL's positions or the model's own."""
-    model = saved_ensemble(tok, tmp_path, members=1)
+    if arch == "llama":
+        backbone = saved_ensemble(tok, tmp_path, members=1).model
+    else:
+        torch.manual_seed(0)
+        backbone = GPT2Model(GPT2Config(vocab_size=len(tok), n_embd=32, n_layer=1, n_head=2, n_positions=128)).eval()
     pad = tok.pad_token_id
     texts = ["Once upon a time there was a cat.", "Yes.", "The hat was red and the dog ran.", "No."]
     rows = [tok(t)["input_ids"] for t in texts]
@@ -142,16 +147,17 @@ def test_an_unpadded_backbone_gives_every_kept_token_the_full_calls_hidden_state
     lefts = [3, 0, 1, 2]  # left padding of each row; the rest of its width is right padding
     ids = torch.tensor([[pad] * l + r + [pad] * (width - l - len(r)) for l, r in zip(lefts, rows)])
     mask = ids != pad
-    unpadded = Unpadded(model.model, bucket=2)
+    unpadded = Unpadded(backbone, bucket=2)
     for positions in (mask.cumsum(1) - mask.long(), None):  # TRL's get_reward passes these; a plain call, none
-        full = model.model(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
+        full = backbone(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
         packed = unpadded(input_ids=ids, attention_mask=mask, position_ids=positions).last_hidden_state
         assert packed.shape == full.shape
         assert torch.allclose(packed[mask], full[mask], atol=1e-5)
         assert (packed[~mask] == 0).all()
         weights = torch.randn_like(full)
-        grad_full = torch.autograd.grad((full[mask] * weights[mask]).sum(), model.model.embed_tokens.weight)[0]
-        grad_packed = torch.autograd.grad((packed[mask] * weights[mask]).sum(), model.model.embed_tokens.weight)[0]
+        embeddings = backbone.get_input_embeddings().weight
+        grad_full = torch.autograd.grad((full[mask] * weights[mask]).sum(), embeddings)[0]
+        grad_packed = torch.autograd.grad((packed[mask] * weights[mask]).sum(), embeddings)[0]
         assert torch.allclose(grad_packed, grad_full, atol=1e-5) and grad_full.abs().sum() > 0
 
 

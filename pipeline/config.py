@@ -164,6 +164,18 @@ class TrainingExamples(ExampleData):
 @dataclass
 class PairData(TrainingExamples):
     """Preference pairs (the reward model, DPO)."""
+    # The demo's swaps replace only these elements (person, animal, colour, obj, place, ending); a task naming none
+    # of them gets its other flaw classes. []: any element the task's response names. What a reward-ensemble
+    # member's own data can focus on (reward.ensemble_data).
+    swap_elements: List[str] = field(default_factory=list)
+
+    def __post_init__(self):
+        super().__post_init__()
+        elements = {e for task_elements in demo.SWAP_ELEMENTS.values() for e in task_elements}
+        unknown = sorted(set(self.swap_elements) - elements)
+        if unknown:
+            raise ValueError(f"data.swap_elements: unknown element(s) {unknown}; a swap can replace "
+                             f"{sorted(elements)}")
 
 
 @dataclass
@@ -392,6 +404,11 @@ class RewardSettings:
     # differ in pretraining, not only in their fine-tuning seed, as Eisenstein et al. ("Helping or Herding?") found
     # ensembles need. The backbones must share one tokenizer. []: every member starts from init_from.
     ensemble_init: list[str] = field(default_factory=list)
+    # One data section per member, each overriding the stage's `data` for that member's training pairs: members that
+    # differ in what they saw, so that their blind spots differ (a file or hub set each: [{path: a.jsonl},
+    # {path: b.jsonl}]; on the demo, swaps of one element each: [{swap_elements: [person]}, ...]). Every member is
+    # evaluated on the stage's held-out pairs. []: every member draws its share from the stage's pairs.
+    ensemble_data: List[Dict[str, Any]] = field(default_factory=list)
 
     def __post_init__(self):
         if self.ensemble_size < 1:
@@ -406,6 +423,13 @@ class RewardSettings:
                              f"give {self.ensemble_size} with reward.ensemble_size={self.ensemble_size} and "
                              f"reward.ensemble_kind=models, got {len(self.ensemble_init)} with "
                              f"ensemble_kind={self.ensemble_kind}")
+        if self.ensemble_data and (len(self.ensemble_data) != self.ensemble_size or self.ensemble_kind != "models"
+                                   or self.ensemble_size < 2):
+            raise ValueError(f"reward.ensemble_data gives one data section per member of an ensemble of separate "
+                             f"models: give one per member with reward.ensemble_size=K (K > 1) and "
+                             f"reward.ensemble_kind=models, got {len(self.ensemble_data)} with "
+                             f"ensemble_size={self.ensemble_size}, ensemble_kind={self.ensemble_kind} (one model "
+                             f"takes its data from the data section)")
 
 
 @dataclass
@@ -419,6 +443,20 @@ class RewardStageConfig(FinetuneStageConfig):
     # Warn when |correlation(score, response length)| on held-out responses exceeds this: a reward model
     # that just likes long (or short) answers.
     length_correlation_warning: float = 0.5
+
+    def __post_init__(self):
+        super().__post_init__()
+        for i in range(len(self.reward.ensemble_data)):
+            self.member_data(i)  # each member's section must be a valid data section
+
+    def member_data(self, i: int) -> PairData:
+        """Member i's data section: the stage's, with reward.ensemble_data[i] over it (the stage's own without)."""
+        if not self.reward.ensemble_data:
+            return self.data
+        try:
+            return OmegaConf.to_object(OmegaConf.merge(OmegaConf.structured(self.data), self.reward.ensemble_data[i]))
+        except Exception as e:  # an unknown key or a bad value: name the member
+            raise ValueError(f"reward.ensemble_data[{i}]: {str(e).splitlines()[0]}") from None
 
 
 UNCERTAINTY_MODES = ("none", "mean_minus_std", "min")

@@ -336,11 +336,12 @@ def load_preference_data(cfg: PairData, seed: int, cache_dir: Path,
     `floor` pairs (split_eval)."""
     if cfg.kind == "demo":
         keep = ("prompt", "chosen", "rejected")
-        shares = dict(cfg.flaw_shares)
-        train = [{k: r[k] for k in keep} for r in demo.generate_preferences(cfg.num_examples, seed, flaw_shares=shares)]
+        shares, elements = dict(cfg.flaw_shares), list(cfg.swap_elements)
+        train = [{k: r[k] for k in keep} for r in demo.generate_preferences(cfg.num_examples, seed, flaw_shares=shares,
+                                                                            swap_elements=elements)]
         n_eval = min(cfg.max_eval_examples, max(1, int(cfg.num_examples * cfg.eval_fraction)))
-        held = [{k: r[k] for k in (*keep, "flaw")}
-                for r in demo.generate_preferences(n_eval, seed + 1, heldout=True, flaw_shares=shares)]
+        held = [{k: r[k] for k in (*keep, "flaw")} for r in demo.generate_preferences(
+            n_eval, seed + 1, heldout=True, flaw_shares=shares, swap_elements=elements)]
         return train, held
     raw, where = load_rows(cfg, cache_dir)
     rows, _ = clean_rows(raw, preference_row_problem, where, cfg.skip_bad_rows)

@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 import random
 import re
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 GIRLS = ["Mia", "Lily", "Anna", "Zoe", "Emma", "Ella", "Nora", "Ruby", "Lucy", "Ava"]
@@ -213,6 +214,9 @@ TASK_FLAWS = {"story": ("verbosity", "repetition", "no_stop", "unhelpful", "swap
               "qa": ("verbosity", "repetition", "no_stop", "unhelpful", "swap"),
               "sentiment": ("verbosity", "repetition", "no_stop", "unhelpful", "format", "wrong_label"),
               "summary": ("verbosity", "repetition", "no_stop", "unhelpful", "format", "swap")}
+# The elements a swap can replace in each task's response: those the prompt asks for or states.
+SWAP_ELEMENTS = {"story": ("person", "animal", "colour"), "summary": ("person", "place", "animal", "obj"),
+                 "qa": ("colour", "place", "animal", "ending")}
 # Padding spoken to the reader (the demo's answers and stories never say "I" or "you").
 FILLER = ["I hope this helps.", "I hope you liked it.", "Thank you for reading it with me.",
           "Let me know if you have another question.", "I am happy to help with that.",
@@ -224,16 +228,26 @@ _HEDGE = re.compile(r"\b(not sure|cannot|can't|don't know|hard to say|rather not
 _READER = re.compile(r"\b(I|me|my|you|your)\b", re.IGNORECASE)
 
 
-def pick_flaw(rng: random.Random, task: str, shares: dict[str, float] | None = None) -> str | None:
+def pick_flaw(rng: random.Random, task: str, shares: dict[str, float] | None = None,
+              swap_elements: Sequence[str] = ()) -> str | None:
     """A flaw class for a response to a task, drawn by the shares among the classes the task can have (None
-    when the shares give none of them any weight)."""
+    when the shares give none of them any weight); with swap_elements, swap only where the task has one of them."""
     shares = FLAW_SHARES if shares is None else shares
-    classes = [c for c in TASK_FLAWS[task] if shares.get(c, 0) > 0]
+    classes = [c for c in TASK_FLAWS[task] if shares.get(c, 0) > 0
+               and not (c == "swap" and swap_elements and not set(swap_elements) & set(SWAP_ELEMENTS[task]))]
     return rng.choices(classes, weights=[shares[c] for c in classes])[0] if classes else None
 
 
-def make_flawed(rng: random.Random, prompt: str, response: str, flaw: str) -> str:
-    """The correct response to a demo prompt, spoiled by one flaw class."""
+def swappable(task: str, response: str, swap_elements: Sequence[str] = ()) -> list[str]:
+    """The elements of a response a swap can replace (of swap_elements, where given), one entry per vocabulary
+    word of the element's that the response mentions."""
+    keys = [k for k in SWAP_ELEMENTS[task] if not swap_elements or k in swap_elements]
+    return [k for k in keys for w in VOCAB[k] if _mentions(response, w)]
+
+
+def make_flawed(rng: random.Random, prompt: str, response: str, flaw: str, swap_elements: Sequence[str] = ()) -> str:
+    """The correct response to a demo prompt, spoiled by one flaw class (a swap: of one of swap_elements, where
+    given)."""
     task = task_of(prompt)
     sentences = re.findall(r"[^.!?]+[.!?]", response)
     if flaw == "verbosity":  # the answer, padded with talk to the reader
@@ -263,10 +277,7 @@ def make_flawed(rng: random.Random, prompt: str, response: str, flaw: str) -> st
             person = head.split()[0]
             return f"{head}. There {person} met {met}. In the end, {person} {outcome}."
     if flaw == "swap":  # one element the prompt asked for, replaced by another of its kind
-        keys = {"story": ("person", "animal", "colour"), "summary": ("person", "place", "animal", "obj"),
-                "qa": ("colour", "place", "animal", "ending")}[task]
-        present = [k for k in keys for w in VOCAB[k] if _mentions(response, w)]
-        key = rng.choice(present)
+        key = rng.choice(swappable(task, response, swap_elements))
         word = next(w for w in VOCAB[key] if _mentions(response, w))
         swapped = re.sub(rf"\b{word}\b", _swap(word, VOCAB[key], rng), response)
         return re.sub(r"\b(an?) (\w)", lambda m: f"{article(m.group(2))} {m.group(2)}", swapped)
@@ -406,17 +417,20 @@ def generate_demonstrations(n: int, seed: int, flawed_share: float = 0.3,
     return rows
 
 
-def generate_preferences(n: int, seed: int, heldout: bool = False,
-                         flaw_shares: dict[str, float] | None = None) -> list[dict]:
-    """n preference pairs in TRL's conversational format: chosen correct, rejected flawed (its class in `flaw`)."""
+def generate_preferences(n: int, seed: int, heldout: bool = False, flaw_shares: dict[str, float] | None = None,
+                         swap_elements: Sequence[str] = ()) -> list[dict]:
+    """n preference pairs in TRL's conversational format: chosen correct, rejected flawed (its class in `flaw`);
+    swaps replace one of swap_elements where given (any element the task has, by default)."""
     rows = []
     for rng, prompt, response in _prompts(seed, None, heldout=heldout):
         if len(rows) == n:
             break
-        flaw = pick_flaw(rng, task_of(prompt), flaw_shares)
+        flaw = pick_flaw(rng, task_of(prompt), flaw_shares, swap_elements)
+        if flaw == "swap" and not swappable(task_of(prompt), response, swap_elements):  # an answer naming none
+            flaw = pick_flaw(rng, task_of(prompt), {**(flaw_shares or FLAW_SHARES), "swap": 0})
         if flaw is None:  # the shares leave this task no flaw class: no pair for it
             continue
-        rejected = make_flawed(rng, prompt, response, flaw)
+        rejected = make_flawed(rng, prompt, response, flaw, swap_elements)
         rows.append({"prompt": [{"role": "user", "content": prompt}],
                      "chosen": [{"role": "assistant", "content": response}],
                      "rejected": [{"role": "assistant", "content": rejected}],

@@ -175,14 +175,14 @@ def pair_trainer(run: StageRun, model, tok, train_pairs: list[dict], eval_pairs:
     return trainer
 
 
-def train_members(run: StageRun, model, tok, train_pairs: list[dict],
+def train_members(run: StageRun, model, tok, member_pairs: list[list[dict]],
                   eval_pairs: list[dict]) -> tuple[MemberStack, dict]:
     """An ensemble of separately trained reward models (reward.ensemble_kind=models): member i has seed + i (its
     head's initialisation and its data order), its own backbone where reward.ensemble_init names one (else
-    init_from's) and its own random share of the pairs, trained for as many passes over
-    it as one model makes over all of them; saved in members/<i>/, listed in ensemble.json, scored as one
-    MemberStack. A member already saved is kept when the stage is run again; one cut short resumes from its last
-    trainer checkpoint."""
+    init_from's) and its own random share of the pairs (of its own pairs, member_pairs[i], where
+    reward.ensemble_data gives them), trained for as many passes over it as one model makes over all of them; saved
+    in members/<i>/, listed in ensemble.json, scored as one MemberStack. A member already saved is kept when the
+    stage is run again; one cut short resumes from its last trainer checkpoint."""
     cfg: RewardStageConfig = run.cfg
     k, share = cfg.reward.ensemble_size, cfg.reward.ensemble_subsample
     steps = max(1, math.ceil(cfg.trainer.max_steps * share))
@@ -199,11 +199,13 @@ def train_members(run: StageRun, model, tok, train_pairs: list[dict],
             set_seed(seed)
             backbone = run.inputs.get(f"member_{i}", run.inputs["init_from"]).path
             model, _ = load_reward_model(backbone, cfg.trust_remote_code, 1)
-        pairs = random.Random(seed).sample(train_pairs, max(1, round(len(train_pairs) * share)))
+        own = member_pairs[i]
+        pairs = random.Random(seed).sample(own, max(1, round(len(own) * share)))
         trainer = pair_trainer(run, model, tok, pairs, eval_pairs, seed=seed, max_steps=steps,
                                trainer_dir=run.trainer_dir / f"member_{i}")
         run.log(f"member {i}: seed {seed}, {len(pairs)} pairs, {steps} steps"
-                + (f", from {cfg.reward.ensemble_init[i]}" if cfg.reward.ensemble_init else ""))
+                + (f", from {cfg.reward.ensemble_init[i]}" if cfg.reward.ensemble_init else "")
+                + (f", data {dict(cfg.reward.ensemble_data[i])}" if cfg.reward.ensemble_data else ""))
         result = trainer.train(resume_from_checkpoint=last_trainer_checkpoint(run.trainer_dir / f"member_{i}"))
         results.append({"train_loss": result.training_loss, "train_runtime_s": result.metrics["train_runtime"],
                         "global_step": result.global_step})  # each member's accuracy is measured with the rest
@@ -234,7 +236,11 @@ def reward(run: StageRun) -> dict:
     # --- data
     train_pairs, eval_pairs = load_preference_data(cfg.data, cfg.seed, run.cache_dir)
     eval_classes = [p.pop("flaw", None) for p in eval_pairs]  # the demo's: for the per-class accuracies only
-    run.record_fingerprints(train_pairs, tok)
+    # each member's own training pairs (reward.ensemble_data), held out as the stage's are; evaluated on the stage's
+    member_pairs = [load_preference_data(cfg.member_data(i), cfg.seed + i, run.cache_dir)[0]
+                    for i in range(k)] if cfg.reward.ensemble_data else [train_pairs] * k
+    run.record_fingerprints([p for pairs in member_pairs for p in pairs] if cfg.reward.ensemble_data else train_pairs,
+                            tok)
     run.log(f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs; model "
             f"{count_parameters(model) / 1e6:.2f}M parameters; peft={cfg.peft.method}"
             + (f"; an ensemble of {k} {cfg.reward.ensemble_kind}" if k > 1 else ""))
@@ -244,7 +250,7 @@ def reward(run: StageRun) -> dict:
 
     # --- train and save
     if separate:
-        scorer, metrics = train_members(run, model, tok, train_pairs, eval_pairs)
+        scorer, metrics = train_members(run, model, tok, member_pairs, eval_pairs)
     else:
         trainer = pair_trainer(run, model, tok, train_pairs, eval_pairs, members=k)
         result = trainer.train(resume_from_checkpoint=run.resume_from)

@@ -83,6 +83,25 @@ def test_flaw_shares_choose_the_classes_and_swaps_stay_a_small_share():
     assert "swap" not in {r["flaw"] for r in no_swap}
 
 
+def swapped_element(row) -> str:
+    """The element a swap pair's rejected response replaced: the vocabulary of the word the chosen one has alone."""
+    words = lambda side: set(re.findall(r"\w+", row[side][0]["content"]))
+    (word,) = words("chosen") - words("rejected") - {"a", "an"}  # the article follows the new word
+    return next(k for k, vocab in demo.VOCAB.items() if word in vocab)
+
+
+@pytest.mark.parametrize("elements", [["person"], ["place", "obj", "ending"]])
+def test_swaps_replace_only_the_elements_named(elements):
+    pairs = demo.generate_preferences(1500, 4, flaw_shares={**demo.FLAW_SHARES, "swap": 1.5}, swap_elements=elements)
+    swaps = [r for r in pairs if r["flaw"] == "swap"]
+    assert len(swaps) > 300 and {swapped_element(r) for r in swaps} == set(elements)
+    # a task whose responses name none of the elements gets its other flaw classes
+    qa = [r for r in pairs if r["task"] == "qa"]
+    assert qa and ("swap" in {r["flaw"] for r in qa}) == ("person" not in elements)
+    everything = [r for r in demo.generate_preferences(1500, 4, flaw_shares={"swap": 1.0})]
+    assert {swapped_element(r) for r in everything} == set(demo.VOCAB)
+
+
 def gold(row):
     return demo.gold_score(row["messages"][0]["content"], row["messages"][1]["content"])
 

@@ -228,14 +228,18 @@ def test_bad_guard_settings_are_named(overrides, match):
         compose("ppo", ["experiment=ci", *overrides])
 
 
-@pytest.mark.parametrize("override,match", [
+@pytest.mark.parametrize("overrides,match", [
     ("reward.ensemble_size=0", "reward.ensemble_size must be at least 1"),
     ("reward.ensemble_kind=stacked", "reward.ensemble_kind must be one of models, heads, got 'stacked'"),
     ("reward.ensemble_init=[a,b]", "give 1 with reward.ensemble_size=1 .* got 2"),
+    ("reward.ensemble_data=[{},{}]", "one per member .* got 2 with ensemble_size=1"),
+    ("reward.ensemble_size=2 reward.ensemble_data=[{swap_elements:[persn]},{}]",
+     r"reward.ensemble_data\[0\]: data.swap_elements: unknown element\(s\) \['persn'\]"),
+    ("reward.ensemble_size=2 reward.ensemble_data=[{},{num_exampels:5}]", r"reward.ensemble_data\[1\]: .*num_exampels"),
 ])
-def test_bad_ensemble_settings_are_named(override, match):
+def test_bad_ensemble_settings_are_named(overrides, match):
     with pytest.raises(PipelineError, match=match):
-        compose("reward", ["experiment=ci", override])
+        compose("reward", ["experiment=ci", *overrides.split()])
 
 
 def test_gao_fit_recovers_its_parameters_and_the_drop_is_found():
@@ -341,6 +345,20 @@ def test_members_start_from_the_backbones_ensemble_init_names(ci_fine_tuned, tmp
         member = load_file(str(Path(reward.path) / "members" / str(i) / "model.safetensors"))[key]
         distances = [(member - start).norm().item() for start in starts]
         assert distances[i] < distances[1 - i], (i, distances)
+
+
+@pytest.mark.slow
+def test_members_train_on_the_data_ensemble_data_gives_each(ci_fine_tuned, tmp_path):
+    """Member 0 on the stage's demo pairs, member 1 on a file of the same kind of pairs with chosen and rejected
+    swapped: both are evaluated on the stage's held-out pairs, where member 1 learned the wrong way round."""
+    home = copy_registry(ci_fine_tuned, tmp_path)
+    reversed_pairs = tmp_path / "reversed.jsonl"
+    reversed_pairs.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["rejected"], "rejected": r["chosen"]})
+                                      + "\n" for r in demo.generate_preferences(400, 7)))
+    run_stages(home, ("reward",), f"experiment=ci reward.ensemble_size=2 reward.ensemble_subsample=1.0 "
+                                  f"'reward.ensemble_data=[{{}},{{kind:file,path:{reversed_pairs}}}]'")  # braces: quoted
+    m = Registry(str(home)).resolve("reward:latest").entry.metrics
+    assert m["eval_accuracy/member_0"] > 0.6 > 0.4 > m["eval_accuracy/member_1"], m
 
 
 @pytest.mark.slow

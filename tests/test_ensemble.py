@@ -347,6 +347,15 @@ def test_members_start_from_the_backbones_ensemble_init_names(ci_fine_tuned, tmp
         assert distances[i] < distances[1 - i], (i, distances)
 
 
+def test_the_swap_specialists_split_every_swappable_element_among_the_members():
+    cfg = compose("reward", ["ensemble=swap_specialists"])
+    elements = [set(cfg.member_data(i).swap_elements) for i in range(cfg.reward.ensemble_size)]
+    assert sum(map(len, elements)) == len(set().union(*elements))  # each element is one member's
+    assert set().union(*elements) == {e for task in demo.SWAP_ELEMENTS.values() for e in task}
+    assert all(cfg.member_data(i).flaw_shares["swap"] > cfg.data.flaw_shares["swap"] for i in range(len(elements)))
+    assert cfg.data.swap_elements == []  # the held-out pairs every member is measured on: the stage's own
+
+
 @pytest.mark.slow
 def test_members_train_on_the_data_ensemble_data_gives_each(ci_fine_tuned, tmp_path):
     """Member 0 on the stage's demo pairs, member 1 on a file of the same kind of pairs with chosen and rejected

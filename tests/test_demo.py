@@ -98,7 +98,7 @@ def test_swaps_replace_only_the_elements_named(elements):
     # a task whose responses name none of the elements gets its other flaw classes
     qa = [r for r in pairs if r["task"] == "qa"]
     assert qa and ("swap" in {r["flaw"] for r in qa}) == ("person" not in elements)
-    everything = [r for r in demo.generate_preferences(1500, 4, flaw_shares={"swap": 1.0})]
+    everything = demo.generate_preferences(1500, 4, flaw_shares={"swap": 1.0})
     assert {swapped_element(r) for r in everything} == set(demo.VOCAB)
 
 

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 from transformers import GPT2Config, GPT2Model, LlamaConfig, LlamaForSequenceClassification
 from trl.experimental.utils import get_reward
 
-from bench.overopt import gao_fit, gold_drop_update
+from bench.overopt import curve, gao_fit, gold_drop_update
 from pipeline import demo
 from pipeline.errors import PipelineError
 from pipeline.models import ENSEMBLE_FILE, MemberStack, Unpadded, load_reward_model, reward_members
@@ -253,6 +253,19 @@ def test_gao_fit_recovers_its_parameters_and_the_drop_is_found():
     # of the points, gold peaks at the third (update 12) and first falls DROP below that at the fourth (update 16)
     assert gold_drop_update(points) == 16
     assert gold_drop_update([{"update": 0, "gold": 0.5}, {"update": 4, "gold": 0.6}]) is None
+
+
+@pytest.mark.parametrize("stage,key", [("ppo", "objective/scores"), ("grpo", "reward")])
+def test_the_curve_starts_with_the_proxy_of_the_start_policys_rollouts(tmp_path, stage, key):
+    """A run whose gold peaks at the start still has a proxy there: its first update's, drawn from the start."""
+    (tmp_path / f"{stage}_history.json").write_text(json.dumps({
+        "log": [{"step": 1, key: 0.25, "lr": 1e-5}, {"step": 2, key: 0.4}],
+        "gold": [{"step": 2, "gold_score": 0.6, "score": 0.4, "kl": 0.81}]}))
+    entry = SimpleNamespace(path=str(tmp_path), stage=stage, metrics={"baseline_gold_score": 0.7})
+    start, after = curve(entry)
+    assert (start["update"], start["gold"], start["proxy"], start["sqrt_kl"]) == (0, 0.7, 0.25, 0.0)
+    assert (after["update"], after["gold"], after["proxy"]) == (2, 0.6, 0.4)
+    assert after["sqrt_kl"] == pytest.approx(0.9)
 
 
 @pytest.mark.slow

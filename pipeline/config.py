@@ -409,8 +409,16 @@ class RewardSettings:
     # {path: b.jsonl}]; on the demo, swaps of one element each: [{swap_elements: [person]}, ...]). Every member is
     # evaluated on the stage's held-out pairs. []: every member draws its share from the stage's pairs.
     ensemble_data: List[Dict[str, Any]] = field(default_factory=list)
+    # Weight of TRL's centring term, coef * (r_chosen + r_rejected)^2 (Eisenstein et al., "Helping or Herding?",
+    # eq. 2; they use 0.01): the Bradley-Terry loss leaves each prompt's score level free, so members may agree on
+    # every preference yet score the same response far apart, which the disagreement on single responses (the
+    # policy's rollouts) then reads as doubt. null: no term.
+    center_rewards_coefficient: Optional[float] = None
 
     def __post_init__(self):
+        if self.center_rewards_coefficient is not None and self.center_rewards_coefficient < 0:
+            raise ValueError(f"reward.center_rewards_coefficient must be >= 0 (or null), got "
+                             f"{self.center_rewards_coefficient}")
         if self.ensemble_size < 1:
             raise ValueError(f"reward.ensemble_size must be at least 1, got {self.ensemble_size}")
         if self.ensemble_kind not in ENSEMBLE_KINDS:

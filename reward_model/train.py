@@ -92,6 +92,8 @@ class PairTrainer(RewardTrainer):
         draw = torch.Generator().manual_seed(self.seed * 1_000_003 + self.state.global_step)
         weights = (torch.rand(losses.shape, generator=draw) < self.subsample).to(losses.device, losses.dtype)
         loss = (losses * weights).sum() / weights.sum().clamp(min=1.0)
+        if self.args.center_rewards_coefficient is not None:  # TRL's centring term, for each member's scores
+            loss = loss + self.args.center_rewards_coefficient * torch.mean((chosen + rejected) ** 2)
         with torch.no_grad():
             margin = (chosen - rejected).mean(1)  # the ensemble's: its mean score
             self._metrics["train"]["accuracy"].append(self.accelerator.gather_for_metrics(
@@ -157,7 +159,7 @@ def pair_trainer(run: StageRun, model, tok, train_pairs: list[dict], eval_pairs:
     """The stage's PairTrainer on these pairs; an ensemble's member has its own seed, trainer directory and steps."""
     cfg: RewardStageConfig = run.cfg
     args = trainer_arguments(run, RewardConfig, max_length=cfg.data.max_length, disable_dropout=True,
-                             dataset_num_proc=None)
+                             dataset_num_proc=None, center_rewards_coefficient=cfg.reward.center_rewards_coefficient)
     if seed is None:
         seed = cfg.seed
     else:  # an ensemble's member: its own data order, directory and steps

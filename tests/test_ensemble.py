@@ -409,3 +409,19 @@ def test_diversity_measures_separate_blind_members_from_agreeing_ones():
     assert per_class["easy"]["member_accuracy"] == [1.0, 1.0, 1.0]
     ratios = swap_ratios(per_class)
     assert ratios["against_majority"] > 100 and ratios["margin_std"] < 1
+
+
+@pytest.mark.slow
+def test_the_centring_term_pulls_each_pairs_scores_about_zero(ci_fine_tuned, tmp_path):
+    """reward.center_rewards_coefficient: every member's scores of a pair's two responses sum to about zero, where
+    the same training without the term leaves them wherever the loss let them drift. On the heads' own loss, which
+    reads the term from the same trainer arguments as TRL's loss for separate models."""
+    pairs = demo.generate_preferences(64, 11)
+    level = {}
+    for coef in ("null", "10.0"):
+        home = copy_registry(ci_fine_tuned, tmp_path / coef)
+        run_stages(home, ("reward",), f"experiment=ci reward.ensemble_size=2 reward.ensemble_kind=heads "
+                                      f"reward.center_rewards_coefficient={coef}")
+        chosen, rejected = RewardModel.load("reward:latest", root=str(home)).pair_member_scores(pairs)
+        level[coef] = (chosen + rejected).abs().mean().item()
+    assert level["10.0"] < 0.25 * level["null"], level

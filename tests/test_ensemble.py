@@ -420,8 +420,8 @@ def test_the_centring_term_pulls_each_pairs_scores_about_zero(ci_fine_tuned, tmp
     level = {}
     for coef in ("null", "10.0"):
         home = copy_registry(ci_fine_tuned, tmp_path / coef)
-        run_stages(home, ("reward",), f"experiment=ci reward.ensemble_size=2 reward.ensemble_kind=heads "
-                                      f"reward.center_rewards_coefficient={coef}")
+        run_stages(home, ("reward",), f"experiment=ci trainer.max_steps=20 reward.ensemble_size=2 "
+                                      f"reward.ensemble_kind=heads reward.center_rewards_coefficient={coef}")
         chosen, rejected = RewardModel.load("reward:latest", root=str(home)).pair_member_scores(pairs)
         level[coef] = (chosen + rejected).abs().mean().item()
     assert level["10.0"] < 0.25 * level["null"], level

@@ -30,7 +30,6 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 DROP = 0.03  # gold this far below its running peak is a fall (gold_drop_update)
 METHODS = {"ppo": ("ppo", "ppo"), "grpo": ("grpo", "grpo")}  # method -> (make target, settings section)
-PROXY = {"ppo": "objective/scores", "grpo": "reward"}  # stage -> the proxy reward in its log history
 MODES = {"unguarded": "none", "guarded": "mean_minus_std"}
 
 
@@ -84,8 +83,11 @@ def curve(entry) -> list[dict]:
     """The run's gold checks: update, gold, proxy reward, KL and sqrt(KL), with the start (update 0) first: the
     final evaluation's baseline gold on the same prompts, and the proxy of the first update's rollouts, which the
     start policy drew (so that a run whose gold peaks at the start still says what the proxy did after)."""
+    from pipeline.report import CURVES
+
+    proxy = CURVES[entry.stage][0]  # the stage's reward in its log history
     history = json.loads((Path(entry.path) / f"{entry.stage}_history.json").read_text())
-    first = next((row[PROXY[entry.stage]] for row in history["log"] if PROXY[entry.stage] in row), None)
+    first = next((row[proxy] for row in history["log"] if proxy in row), None)
     start = {"update": 0, "gold": entry.metrics["baseline_gold_score"], "proxy": first, "kl": 0.0}
     points = [start] + [{"update": g["step"], "gold": g["gold_score"], "proxy": g["score"], "kl": g["kl"]}
                         for g in history["gold"]]

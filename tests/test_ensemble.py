@@ -383,20 +383,6 @@ def test_members_train_on_the_data_ensemble_data_gives_each(ci_fine_tuned, tmp_p
     assert m["eval_accuracy/member_0"] > 0.6 > 0.4 > m["eval_accuracy/member_1"], m
 
 
-@pytest.mark.slow
-def test_a_heads_ensemble_is_one_model_with_an_output_per_head(ci_fine_tuned, tmp_path):
-    home = copy_registry(ci_fine_tuned, tmp_path)
-    r = subprocess.run(["make", "--no-print-directory", "reward",
-                        "ARGS=experiment=ci logging=none reward.ensemble_size=2 reward.ensemble_kind=heads"],
-                       cwd=ROOT, env=env_for(home), capture_output=True, text=True, timeout=600)
-    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
-    entry = Registry(str(home)).resolve("reward:latest").entry
-    assert not (Path(entry.path) / "ensemble.json").exists()
-    head = load_file(str(Path(entry.path) / "model.safetensors"))["score.weight"]
-    assert head.shape[0] == 2 and not torch.equal(head[0], head[1])
-    assert entry.metrics["ensemble_size"] == 2 and "eval_accuracy/member_1" in entry.metrics
-
-
 def test_diversity_measures_separate_blind_members_from_agreeing_ones():
     """bench/ensemble_diversity: on the pairs where members split their votes, the vote measure says so, and the
     std of the margins does not (it grows with the margins)."""
@@ -412,16 +398,22 @@ def test_diversity_measures_separate_blind_members_from_agreeing_ones():
 
 
 @pytest.mark.slow
-def test_the_centring_term_pulls_each_pairs_scores_about_zero(ci_fine_tuned, tmp_path):
-    """reward.center_rewards_coefficient: every member's scores of a pair's two responses sum to about zero, where
-    the same training without the term leaves them wherever the loss let them drift. On the heads' own loss, which
-    reads the term from the same trainer arguments as TRL's loss for separate models."""
+def test_heads_are_one_model_and_centring_pulls_each_pairs_scores_about_zero(ci_fine_tuned, tmp_path):
+    """reward.ensemble_kind=heads: one model with an output per head, no member folders. And
+    reward.center_rewards_coefficient: every head's scores of a pair's two responses sum to about zero, where the
+    same training without the term leaves them wherever the loss let them drift. On the heads' own loss, which reads
+    the term from the same trainer arguments as TRL's loss for separate models."""
     pairs = demo.generate_preferences(64, 11)
     level = {}
     for coef in ("null", "10.0"):
         home = copy_registry(ci_fine_tuned, tmp_path / coef)
         run_stages(home, ("reward",), f"experiment=ci trainer.max_steps=20 reward.ensemble_size=2 "
                                       f"reward.ensemble_kind=heads reward.center_rewards_coefficient={coef}")
+        entry = Registry(str(home)).resolve("reward:latest").entry
+        assert not (Path(entry.path) / "ensemble.json").exists()
+        head = load_file(str(Path(entry.path) / "model.safetensors"))["score.weight"]
+        assert head.shape[0] == 2 and not torch.equal(head[0], head[1])
+        assert entry.metrics["ensemble_size"] == 2 and "eval_accuracy/member_1" in entry.metrics
         chosen, rejected = RewardModel.load("reward:latest", root=str(home)).pair_member_scores(pairs)
         level[coef] = (chosen + rejected).abs().mean().item()
     assert level["10.0"] < 0.25 * level["null"], level

@@ -82,15 +82,22 @@ def overrides(method: str, mode: str, seed: int, reward_id: str, sft_id: str, st
 def curve(entry) -> list[dict]:
     """The run's gold checks: update, gold, proxy reward, KL and sqrt(KL), with the start (update 0) first: the
     final evaluation's baseline gold on the same prompts, and the proxy of the first update's rollouts, which the
-    start policy drew (so that a run whose gold peaks at the start still says what the proxy did after)."""
+    start policy drew (so that a run whose gold peaks at the start still says what the proxy did after). A check's
+    proxy is the mean over the updates since the one before: one update's batch of rollouts moves by more than the
+    proxy does between checks."""
     from pipeline.report import CURVES
 
-    proxy = CURVES[entry.stage][0]  # the stage's reward in its log history
+    key = CURVES[entry.stage][0]  # the stage's reward in its log history
     history = json.loads((Path(entry.path) / f"{entry.stage}_history.json").read_text())
-    first = next((row[proxy] for row in history["log"] if proxy in row), None)
-    start = {"update": 0, "gold": entry.metrics["baseline_gold_score"], "proxy": first, "kl": 0.0}
-    points = [start] + [{"update": g["step"], "gold": g["gold_score"], "proxy": g["score"], "kl": g["kl"]}
-                        for g in history["gold"]]
+    logged = [(row["step"], row[key]) for row in history["log"] if key in row]
+    start = {"update": 0, "gold": entry.metrics["baseline_gold_score"], "proxy": logged[0][1] if logged else None,
+             "kl": 0.0}
+    points, since = [start], 0
+    for g in history["gold"]:
+        window = [v for step, v in logged if since < step <= g["step"]]
+        points.append({"update": g["step"], "gold": g["gold_score"], "kl": g["kl"],
+                       "proxy": sum(window) / len(window) if window else g["score"]})
+        since = g["step"]
     for p in points:
         p["sqrt_kl"] = math.sqrt(max(p["kl"] or 0.0, 0.0))
     return points

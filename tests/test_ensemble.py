@@ -256,16 +256,20 @@ def test_gao_fit_recovers_its_parameters_and_the_drop_is_found():
 
 
 @pytest.mark.parametrize("stage,key", [("ppo", "objective/scores"), ("grpo", "reward")])
-def test_the_curve_starts_with_the_proxy_of_the_start_policys_rollouts(tmp_path, stage, key):
-    """A run whose gold peaks at the start still has a proxy there: its first update's, drawn from the start."""
+def test_the_curve_starts_with_the_start_policys_proxy_and_averages_it_between_checks(tmp_path, stage, key):
+    """A run whose gold peaks at the start still has a proxy there: its first update's, drawn from the start. Each
+    check's proxy is the mean of the updates since the last check, not its own update's batch alone."""
     (tmp_path / f"{stage}_history.json").write_text(json.dumps({
-        "log": [{"step": 1, key: 0.25, "lr": 1e-5}, {"step": 2, key: 0.4}],
-        "gold": [{"step": 2, "gold_score": 0.6, "score": 0.4, "kl": 0.81}]}))
+        "log": [{"step": 1, key: 0.25, "lr": 1e-5}, {"step": 2, key: 0.45}, {"step": 3, key: 0.3},
+                {"step": 4, key: 0.5}],
+        "gold": [{"step": 2, "gold_score": 0.6, "score": 0.45, "kl": 0.81},
+                 {"step": 4, "gold_score": 0.5, "score": 0.5, "kl": 1.0}]}))
     entry = SimpleNamespace(path=str(tmp_path), stage=stage, metrics={"baseline_gold_score": 0.7})
-    start, after = curve(entry)
+    start, second, fourth = curve(entry)
     assert (start["update"], start["gold"], start["proxy"], start["sqrt_kl"]) == (0, 0.7, 0.25, 0.0)
-    assert (after["update"], after["gold"], after["proxy"]) == (2, 0.6, 0.4)
-    assert after["sqrt_kl"] == pytest.approx(0.9)
+    assert (second["update"], second["gold"]) == (2, 0.6) and second["proxy"] == pytest.approx(0.35)
+    assert (fourth["update"], fourth["gold"]) == (4, 0.5) and fourth["proxy"] == pytest.approx(0.4)
+    assert second["sqrt_kl"] == pytest.approx(0.9)
 
 
 @pytest.mark.slow

@@ -4,6 +4,7 @@ resumes from, and the plain model behind a trained (wrapped, sharded or adapted)
 from __future__ import annotations
 
 import json
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -22,14 +23,18 @@ def is_peft_model(model) -> bool:
 def last_trainer_checkpoint(trainer_dir: Path) -> Optional[str]:
     """The newest trainer checkpoint that was written completely (a kill can leave one half-written). The Trainer
     writes trainer_state.json after everything else and removes an older checkpoint only after that, so a
-    checkpoint whose trainer_state.json reads whole is complete, and a kill during a save leaves the one before."""
+    checkpoint whose trainer_state.json reads whole is complete, and a kill during a save leaves the one before. But
+    with several processes each writes its own RNG state, and nothing makes the main process wait for the others
+    before it writes trainer_state.json: each process's file must read whole too."""
     if not trainer_dir.is_dir():
         return None
     ckpts = sorted((p for p in trainer_dir.glob("checkpoint-*") if p.name.split("-")[-1].isdigit()),
                    key=lambda p: int(p.name.split("-")[-1]), reverse=True)
     for p in ckpts:
         weights = (p / "model.safetensors").exists() or (p / "adapter_model.safetensors").exists()
-        if weights and _reads_whole(p / "trainer_state.json"):
+        # torch.save writes a zip archive, whose directory comes last: a file cut short has none
+        rng_whole = all(zipfile.is_zipfile(f) for f in p.glob("rng_state*.pth"))
+        if weights and rng_whole and _reads_whole(p / "trainer_state.json"):
             return str(p)
     return None
 

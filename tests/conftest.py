@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 from hydra import compose as hydra_compose, initialize_config_dir
 
+from pipeline.checkpoint import last_trainer_checkpoint
 from pipeline.config import overrides_for, register_schemas, validate
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -127,13 +128,15 @@ def kill(p: subprocess.Popen) -> None:
 def kill_after_first_checkpoint(target: str, home: Path, args: str, timeout: float = 300, **kw) -> None:
     p = start(target, home, args, **kw)
     deadline = time.time() + timeout
-    while time.time() < deadline and p.poll() is None and \
-            not list(home.glob("checkpoints/*/trainer/checkpoint-*/trainer_state.json")):
+    while time.time() < deadline and p.poll() is None and not saved_checkpoint(home):
         time.sleep(0.2)
     assert p.poll() is None, f"make {target} ended before its first trainer checkpoint"
-    time.sleep(0.5)  # trainer_state.json, the checkpoint's last file, may be half-written when it first appears
-    assert p.poll() is None, f"make {target} ended before it could be killed: give it more steps"
     kill(p)
+
+
+def saved_checkpoint(home: Path) -> bool:
+    """Whether a run in the registry at home has written a trainer checkpoint completely: one a rerun resumes from."""
+    return any(last_trainer_checkpoint(d) for d in home.glob("checkpoints/*/trainer"))
 
 
 def complete_entries(home: Path, stage: str) -> list[dict]:

@@ -14,7 +14,7 @@ from accelerate.utils import DistributedType
 from transformers import AutoModelForCausalLM
 
 from pipeline.trainer import resolved_precision
-from tests.conftest import ROOT, env_for, kill, make, registry_entries
+from tests.conftest import ROOT, env_for, kill, make, registry_entries, saved_checkpoint
 
 CONFIGS = {
     "single_gpu.yaml": DistributedType.NO,
@@ -88,8 +88,7 @@ def test_fsdp_run_saves_a_plain_directory_and_resumes(home):
     args = "experiment=ci optimizer=adamw trainer.max_steps=120 trainer.save_steps=10 trainer.logging_steps=1000"
     p = launch_fsdp(home, "stages.pretrain", args)
     deadline = time.time() + 300
-    while time.time() < deadline and p.poll() is None and \
-            not list(home.glob("checkpoints/*/trainer/checkpoint-*/trainer_state.json")):
+    while time.time() < deadline and p.poll() is None and not saved_checkpoint(home):
         time.sleep(0.2)
     assert p.poll() is None, "the FSDP run ended before its first trainer checkpoint:\n" + p.communicate()[0][-3000:]
     workers = psutil.Process(p.pid).children(recursive=True)  # torch's launcher starts them in their own sessions

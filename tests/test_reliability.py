@@ -123,7 +123,7 @@ def test_killed_stage_resumes_to_the_uninterrupted_model(rewarded, tmp_path, sta
 
 def test_a_checkpoint_cut_short_is_passed_over(tmp_path):
     """A kill during a save leaves the checkpoint before it as the one to resume from: trainer_state.json is written
-    last, so a checkpoint without it whole is not complete."""
+    last, so a checkpoint without it whole is not complete; nor is one with another process's RNG state cut short."""
     for step, state in ((2, '{"global_step": 2}'), (4, '{"global_step": 4, "log_hi'), (6, None)):
         d = tmp_path / f"checkpoint-{step}"
         d.mkdir()
@@ -134,6 +134,16 @@ def test_a_checkpoint_cut_short_is_passed_over(tmp_path):
     (tmp_path / "checkpoint-2" / "model.safetensors").unlink()
     (tmp_path / "checkpoint-2" / "adapter_model.safetensors").write_bytes(b"a LoRA run's adapter")
     assert last_trainer_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    # two processes: the main one wrote trainer_state.json while the other was still writing its RNG state
+    d = tmp_path / "checkpoint-8"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"weights")
+    (d / "trainer_state.json").write_text('{"global_step": 8}')
+    torch.save({"cpu": torch.random.get_rng_state()}, d / "rng_state_0.pth")
+    (d / "rng_state_1.pth").write_bytes((d / "rng_state_0.pth").read_bytes()[:100])
+    assert last_trainer_checkpoint(tmp_path) == str(tmp_path / "checkpoint-2")
+    torch.save({"cpu": torch.random.get_rng_state()}, d / "rng_state_1.pth")
+    assert last_trainer_checkpoint(tmp_path) == str(d)
 
 
 def files_of(home: Path, ids) -> dict:

@@ -33,9 +33,9 @@ class EnsembleReward(nn.Module):
     into the one reward the policy is trained on: their mean (none), the mean less coef times their std
     (mean_minus_std), or the lowest (min). A single reward model is an ensemble of one.
 
-    The members' std at each scored sequence's end (its last attended token, where the trainers read the reward)
-    is kept in `disagreement`, for the Disagreement callback to log; a hook on the backbone hands over the
-    attention mask of the call."""
+    The members' normalised scores at each scored sequence's end (its last attended token, where the trainers read
+    the reward) are kept in `read`, one row per sequence, for the Disagreement callback to log; a hook on the
+    backbone hands over the attention mask of the call."""
 
     def __init__(self, head: nn.Module, mean: list[float], std: list[float], combine: str = "none",
                  coef: float = 1.0):
@@ -43,20 +43,21 @@ class EnsembleReward(nn.Module):
         self.head, self.combine, self.coef = head, combine, coef
         self.register_buffer("mean", torch.tensor(mean), persistent=False)
         self.register_buffer("std", torch.tensor(std).clamp(min=1e-6), persistent=False)
-        self.mask, self.disagreement = None, []
+        self.mask, self.read = None, []
 
     def forward(self, hidden):
         z = (self.head(hidden) - self.mean) / self.std  # (..., members)
         if z.shape[-1] == 1:
             return z
-        spread = z.std(-1, unbiased=False)
-        if self.mask is not None and self.mask.shape == spread.shape:  # (batch, tokens): one value per sequence
+        if self.mask is not None and self.mask.shape == z.shape[:-1]:  # (batch, tokens): one row per sequence
             last = self.mask.shape[1] - 1 - self.mask.flip(1).long().argmax(1)
-            self.disagreement += spread.detach()[torch.arange(len(last)), last].float().tolist()
+            self.read += z.detach()[torch.arange(len(last)), last].float().tolist()
         if self.combine == "min":
             return z.min(-1, keepdim=True).values
         mean = z.mean(-1, keepdim=True)
-        return mean - self.coef * spread.unsqueeze(-1) if self.combine == "mean_minus_std" else mean
+        if self.combine == "mean_minus_std":
+            return mean - self.coef * z.std(-1, unbiased=False, keepdim=True)
+        return mean
 
 
 def reward_statistics(path: str, normalize: bool, members: int = 1) -> dict:
@@ -163,17 +164,19 @@ class KLBudget(Kept, TrainerCallback):
 
 class Disagreement(Kept, TrainerCallback):
     """The reward ensemble's disagreement on the policy's own rollouts: per update, the mean std of the members'
-    normalised scores over the responses it scored; each log carries the mean since the last one
-    (reward/ensemble_std, in the log history). Measured against its value at the first update, the start's
-    rollouts: past `budget` times that, a warning (and with `stop`, the end of training), recorded in the entry. It
-    needs no gold judge."""
+    normalised scores over the responses it scored, and each member's mean score; each log carries their means
+    since the last one (reward/ensemble_std and reward/member_<i>, in the log history), so that a member that
+    parts ways with the others shows as its own curve. The std is measured against its value at the first update,
+    the start's rollouts: past `budget` times that, a warning (and with `stop`, the end of training), recorded in
+    the entry. It needs no gold judge."""
 
     KEY = "reward/ensemble_std"
+    MEMBER = "reward/member_{}"
     kept = ("history", "logged", "fired_at")
 
     def __init__(self, head: EnsembleReward, budget: float | None, stop: bool, warn):
         self.head, self.budget, self.stop, self.warn = head, budget, stop, warn
-        self.history: list[dict] = []  # {"step", "ensemble_std"} per update
+        self.history: list[dict] = []  # {"step", "ensemble_std", "members"} per update
         self.logged = 0  # updates already reported in a log
         self.fired_at = None
 
@@ -182,17 +185,17 @@ class Disagreement(Kept, TrainerCallback):
         return self.fired_at is not None and self.stop
 
     def _close_update(self, step: int) -> None:
-        """The scores taken since the last call, as the update's figure (PPO logs before its step ends, GRPO
-        after: whichever comes first closes the update), and the budget checked against it."""
-        if not self.head.disagreement:
+        """The scores taken since the last call, as the update's figures (PPO logs before its step ends, GRPO
+        after: whichever comes first closes the update), and the budget checked against them."""
+        if not self.head.read:
             return
-        total = torch.tensor([sum(self.head.disagreement), len(self.head.disagreement)], dtype=torch.float64,
-                             device=self.head.mean.device)
-        self.head.disagreement.clear()
+        z = torch.tensor(self.head.read, dtype=torch.float64, device=self.head.mean.device)  # (responses, members)
+        self.head.read.clear()
+        total = torch.cat([z.std(1, unbiased=False).sum(0, keepdim=True), z.new_tensor([len(z)]), z.sum(0)])
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             torch.distributed.all_reduce(total)  # every process's rollouts: one figure, one decision to stop
-        std = (total[0] / total[1]).item()
-        self.history.append({"step": step, "ensemble_std": std})
+        std, members = (total[0] / total[1]).item(), (total[2:] / total[1]).tolist()
+        self.history.append({"step": step, "ensemble_std": std, "members": members})
         start = self.history[0]["ensemble_std"]
         if self.budget is None or self.fired_at is not None or len(self.history) < 2 or std <= self.budget * start:
             return
@@ -214,11 +217,13 @@ class Disagreement(Kept, TrainerCallback):
         if not new:
             return
         self.logged = len(self.history)
-        std = sum(h["ensemble_std"] for h in new) / len(new)
+        means = {self.KEY: sum(h["ensemble_std"] for h in new) / len(new)}
+        for i in range(len(new[0]["members"])):
+            means[self.MEMBER.format(i)] = sum(h["members"][i] for h in new) / len(new)
         if logs is not None:
-            logs[self.KEY] = std
+            logs.update(means)
         if state.log_history:  # the Trainer appends a copy of the logs before the callbacks see them
-            state.log_history[-1][self.KEY] = std
+            state.log_history[-1].update(means)
 
     def record(self, run, metrics: dict) -> None:
         if not self.history:

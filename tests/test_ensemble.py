@@ -50,7 +50,7 @@ def test_members_are_normalised_then_combined(combine, expected):
 def test_a_single_model_is_standardised_as_before():
     head = EnsembleReward(fixed_head(4.0), mean=[2.0], std=[4.0])
     assert head(torch.ones(1, 3, 1))[0, 0, 0].item() == pytest.approx((4.0 - 2.0) / 4.0)
-    assert head.disagreement == []  # nothing to disagree about
+    assert head.read == []  # nothing to disagree about
 
 
 @pytest.fixture(scope="module")
@@ -128,7 +128,7 @@ def test_disagreement_is_read_where_the_reward_is_read(tok, tmp_path, kind):
         members = torch.stack([model(input_ids=torch.cat([query[:1], torch.tensor([r])], 1)).logits[0]
                                for r in responses])  # (2, members), each read at its own eos
     assert reward.tolist() == pytest.approx(members.mean(1).tolist(), abs=1e-5)
-    assert scorer.score.disagreement == pytest.approx(members.std(1, unbiased=False).tolist(), abs=1e-5)
+    assert torch.tensor(scorer.score.read) == pytest.approx(members, abs=1e-5)  # each member, normalised, where read
 
 
 @pytest.mark.parametrize("arch", ["llama", "gpt2"])  # rotary positions, and absolute ones that must be carried over
@@ -190,23 +190,28 @@ def test_the_scoring_api_gives_the_mean_and_the_disagreement(tok, tmp_path):
     assert spread[0] == pytest.approx(z.std(unbiased=False).item(), abs=1e-6)
 
 
-def logged(cb, step, stds):
-    cb.head.disagreement.extend(stds)
+def logged(cb, step, rows):
+    cb.head.read.extend(rows)
     state = SimpleNamespace(global_step=step, log_history=[{"step": step}])
     cb.on_log(None, state, None, logs={})
     return state.log_history[-1]
 
 
+def spread(std):
+    """Two members' normalised scores of one response whose std is `std`."""
+    return [-std, std]
+
+
 def test_the_disagreement_guard_warns_past_its_budget_and_stops_when_asked():
     warnings = []
-    head = lambda: SimpleNamespace(disagreement=[], mean=torch.zeros(1))
+    head = lambda: SimpleNamespace(read=[], mean=torch.zeros(1))
     cb = Disagreement(head(), budget=2.0, stop=False, warn=warnings.append)
-    assert logged(cb, 1, [0.1, 0.3])[Disagreement.KEY] == pytest.approx(0.2)  # the start's: the reference
-    logged(cb, 2, [0.35])
+    assert logged(cb, 1, [spread(0.1), spread(0.3)])[Disagreement.KEY] == pytest.approx(0.2)  # the start's: the reference
+    logged(cb, 2, [spread(0.35)])
     assert not warnings and cb.fired_at is None  # 1.75x: within the budget
-    logged(cb, 3, [0.5])
+    logged(cb, 3, [spread(0.5)])
     assert cb.fired_at["step"] == 3 and len(warnings) == 1 and "2.5x" in warnings[0]
-    logged(cb, 4, [0.9])
+    logged(cb, 4, [spread(0.9)])
     assert len(warnings) == 1  # once
     metrics = {}
     cb.record(SimpleNamespace(log=print), metrics)
@@ -214,9 +219,20 @@ def test_the_disagreement_guard_warns_past_its_budget_and_stops_when_asked():
     assert metrics["ensemble_std_start"] == pytest.approx(0.2) and metrics["ensemble_std_final"] == pytest.approx(0.9)
 
     stopping = Disagreement(head(), budget=2.0, stop=True, warn=warnings.append)
-    logged(stopping, 1, [0.2])
+    logged(stopping, 1, [spread(0.2)])
     with pytest.raises(BudgetExceeded):
-        logged(stopping, 2, [0.5])
+        logged(stopping, 2, [spread(0.5)])
+
+
+def test_each_members_mean_score_on_the_rollouts_is_logged_beside_their_disagreement():
+    cb = Disagreement(SimpleNamespace(read=[], mean=torch.zeros(1)), budget=None, stop=False, warn=print)
+    cb.head.read.extend([[0.0, 1.0, 2.0], [2.0, 1.0, 0.0]])
+    cb.on_step_end(None, SimpleNamespace(global_step=1), None)
+    cb.head.read.extend([[1.0, 3.0, -1.0]])
+    row = logged(cb, 2, [])  # two updates in one log: the mean of their figures
+    assert [row[Disagreement.MEMBER.format(i)] for i in range(3)] == pytest.approx([1.0, 2.0, 0.0])
+    assert cb.history[1]["members"] == pytest.approx([1.0, 3.0, -1.0])
+    assert row[Disagreement.KEY] == pytest.approx((0.8165 + 1.633) / 2, abs=1e-3)
 
 
 @pytest.mark.parametrize("overrides,match", [
@@ -275,11 +291,11 @@ def test_the_curve_starts_with_the_start_policys_proxy_and_averages_it_between_c
 @pytest.mark.slow
 def test_overopt_trains_an_ensemble_and_runs_guarded_and_unguarded(ci_fine_tuned, tmp_path):
     """make overopt at micro sizes: the ensemble entry records its members; both PPO runs log the members'
-    disagreement on their rollouts; the guarded one trains on the conservative reward; overopt.json has the
-    figures the bench promises for the seed."""
+    disagreement and each member's score on their rollouts; the guarded one trains on the worst case (--guard
+    min); overopt.json has the figures the bench promises for the seed."""
     home = copy_registry(ci_fine_tuned, tmp_path)
     r = subprocess.run(["make", "--no-print-directory", "overopt",
-                        "ARGS=--scale ci --methods ppo --seeds 0 --budget 0.25 --every 2 --prompts 8 --members 2"],
+                        "ARGS=--scale ci --methods ppo --seeds 0 --budget 0.25 --every 2 --prompts 8 --members 2 --guard min"],
                        cwd=ROOT, env=env_for(home), capture_output=True, text=True, timeout=900)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     registry = Registry(str(home))
@@ -313,12 +329,13 @@ def test_overopt_trains_an_ensemble_and_runs_guarded_and_unguarded(ci_fine_tuned
     assert (home / "overopt.png").stat().st_size > 0
     runs = {mode: registry.get(seed[mode]["entry"]) for mode in ("unguarded", "guarded")}
     assert runs["unguarded"].config["ppo"]["reward_uncertainty"] == "none"
-    assert runs["guarded"].config["ppo"]["reward_uncertainty"] == "mean_minus_std"
+    assert runs["guarded"].config["ppo"]["reward_uncertainty"] == "min" and out["settings"]["guard"] == "min"
     for e in runs.values():
         assert reward.id in e.parents
         assert e.metrics["ensemble_std_start"] > 0 and "ensemble_std" in e.metrics
         history = json.loads((Path(e.path) / "ppo_history.json").read_text())
-        assert all(Disagreement.KEY in h for h in history["log"]) and len(history["disagreement"]) == 4
+        assert all(Disagreement.KEY in h and Disagreement.MEMBER.format(1) in h for h in history["log"])
+        assert len(history["disagreement"]) == 4 and all(len(h["members"]) == 2 for h in history["disagreement"])
 
 
 def test_backbones_that_read_text_differently_are_refused_before_an_entry_is_made(tok, tmp_path):

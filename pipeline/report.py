@@ -93,8 +93,9 @@ def plot_training(e: Entry, out: Path) -> Path | None:
 
 
 def plot_policy(e: Entry, out: Path) -> Path | None:
-    """Reward, KL to the reference, a reward ensemble's disagreement and (on the demo) the gold score over the
-    updates of PPO, GRPO or RLOO."""
+    """Reward, KL to the reference, a reward ensemble's disagreement and each member's score (a member that parts
+    ways with the others is one that sees what they do not), and on the demo the gold score, over the updates of
+    PPO, GRPO or RLOO."""
     import matplotlib.pyplot as plt
 
     reward_key, kl_key = CURVES[e.stage]
@@ -103,15 +104,22 @@ def plot_policy(e: Entry, out: Path) -> Path | None:
     if not log:
         return None
     gold = history.get("gold", [])
-    panels = [(reward_key, "reward" + (" (normalized)" if e.stage == "ppo" else "")), (kl_key, "KL to the SFT policy"),
-              ("reward/ensemble_std", "reward ensemble's disagreement")]
-    panels = [(k, label) for k, label in panels if any(k in h for h in log)]
+    members = sorted({k for h in log for k in h if k.startswith("reward/member_")},
+                     key=lambda k: int(k.rsplit("_", 1)[1]))
+    panels = [([reward_key], "reward" + (" (normalized)" if e.stage == "ppo" else "")),
+              ([kl_key], "KL to the SFT policy"), (["reward/ensemble_std"], "reward ensemble's disagreement"),
+              (members, "each reward member's score")]
+    panels = [(keys, label) for keys, label in panels if any(k in h for k in keys for h in log)]
     fig, axes = plt.subplots(1, len(panels) + bool(gold), figsize=(5 * (len(panels) + bool(gold)), 3.6),
                              squeeze=False)
     name = e.stage.upper()
-    for ax, (key, label) in zip(axes[0], panels):
-        ax.plot([h["step"] for h in log if key in h], [h[key] for h in log if key in h], marker=".")
+    for ax, (keys, label) in zip(axes[0], panels):
+        for key in keys:
+            ax.plot([h["step"] for h in log if key in h], [h[key] for h in log if key in h], marker=".",
+                    label=key.removeprefix("reward/").replace("_", " "))
         ax.set(xlabel=f"{name} update", ylabel=label, title=label)
+        if len(keys) > 1:
+            ax.legend(fontsize=7)
         ax.grid(alpha=0.3)
     if gold:
         ax = axes[0][-1]

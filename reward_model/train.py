@@ -154,6 +154,39 @@ def evaluate_pairs(rm: RewardModel, pairs: list[dict], classes: list[str | None]
     return metrics, stats
 
 
+def wilson(right: int, n: int, z: float = 1.96) -> tuple[float, float]:
+    """The 95% Wilson score interval of a share of right answers out of n > 0."""
+    share, scale = right / n, 1 + z * z / n
+    centre = (share + z * z / (2 * n)) / scale
+    half = z * math.sqrt(share * (1 - share) / n + z * z / (4 * n * n)) / scale
+    return centre - half, centre + half
+
+
+def own_data_accuracy(rm: RewardModel, held: list[list[dict]]) -> tuple[dict, list[str]]:
+    """(metrics, doubts): each member's accuracy on the held-out pairs of its own data (reward.ensemble_data[i]),
+    overall and per class of rejected response where the pairs name one (eval_accuracy/member_<i>/own[/<class>]);
+    a doubt for each whose 95% interval reaches down to chance. A member's own data is what sets it apart from the
+    others: one that did not learn from it adds nothing the others do not see, and its ensemble's disagreement
+    cannot flag what it was meant to."""
+    metrics, doubts = {}, []
+    for i, pairs in enumerate(held):
+        groups = {"": [], **{p["flaw"]: [] for p in pairs if p.get("flaw")}}
+        chosen, rejected = rm.pair_member_scores([{k: v for k, v in p.items() if k != "flaw"} for p in pairs])
+        for p, right in zip(pairs, (chosen[:, i] > rejected[:, i]).tolist()):
+            groups[""].append(right)
+            if p.get("flaw"):
+                groups[p["flaw"]].append(right)
+        for c, rights in groups.items():
+            key = f"eval_accuracy/member_{i}/own" + (f"/{c}" if c else "")
+            metrics[key] = sum(rights) / len(rights)
+            low, high = wilson(sum(rights), len(rights))
+            if low <= 0.5:
+                doubts.append(f"member {i} scores {metrics[key]:.3f} [{low:.2f}, {high:.2f}] on the "
+                              f"{len(rights)} held-out {c + ' ' if c else ''}pairs of its own data "
+                              f"(reward.ensemble_data[{i}]): no better than chance")
+    return metrics, doubts
+
+
 def pair_trainer(run: StageRun, model, tok, train_pairs: list[dict], eval_pairs: list[dict], members: int = 1,
                  seed: int | None = None, trainer_dir: Path | None = None, max_steps: int | None = None):
     """The stage's PairTrainer on these pairs; an ensemble's member has its own seed, trainer directory and steps."""
@@ -238,9 +271,11 @@ def reward(run: StageRun) -> dict:
     # --- data
     train_pairs, eval_pairs = load_preference_data(cfg.data, cfg.seed, run.cache_dir)
     eval_classes = [p.pop("flaw", None) for p in eval_pairs]  # the demo's: for the per-class accuracies only
-    # each member's own training pairs (reward.ensemble_data), held out as the stage's are; evaluated on the stage's
-    member_pairs = [load_preference_data(cfg.member_data(i), cfg.seed + i, run.cache_dir)[0]
-                    for i in range(k)] if cfg.reward.ensemble_data else [train_pairs] * k
+    # each member's own pairs (reward.ensemble_data), split as the stage's are; every member is evaluated on the
+    # stage's held-out pairs, and each on its own
+    member_data = [load_preference_data(cfg.member_data(i), cfg.seed + i, run.cache_dir)
+                   for i in range(k)] if cfg.reward.ensemble_data else []
+    member_pairs = [train for train, _ in member_data] or [train_pairs] * k
     run.record_fingerprints([p for pairs in member_pairs for p in pairs] if cfg.reward.ensemble_data else train_pairs,
                             tok)
     run.log(f"{len(train_pairs)} train / {len(eval_pairs)} held-out pairs; model "
@@ -281,6 +316,13 @@ def reward(run: StageRun) -> dict:
                 f"{c} {v:.3f} ({metrics[f'eval_pairs/{c}']}"
                 + (f", disagreement {metrics[f'eval_disagreement/{c}']:.3f})" if k > 1 else ")")
                 for c, v in per_class.items()))
+        if member_data:
+            own, doubts = own_data_accuracy(RewardModel(scorer, tok), [held for _, held in member_data])
+            metrics.update(own)
+            if doubts:
+                run.warn("; ".join(doubts) + ". Such a member has not learned what its data sets apart, and the "
+                         "ensemble's disagreement is blind there too: train longer (trainer.max_steps) or give its "
+                         "data more of those pairs")
         if abs(metrics["length_correlation"]) > cfg.length_correlation_warning:
             run.warn(f"the score correlates with response length (r = {metrics['length_correlation']:.2f}): "
                     f"the reward model may just like {'long' if metrics['length_correlation'] > 0 else 'short'} "

@@ -206,7 +206,8 @@ def test_the_disagreement_guard_warns_past_its_budget_and_stops_when_asked():
     warnings = []
     head = lambda: SimpleNamespace(read=[], mean=torch.zeros(1))
     cb = Disagreement(head(), budget=2.0, stop=False, warn=warnings.append)
-    assert logged(cb, 1, [spread(0.1), spread(0.3)])[Disagreement.KEY] == pytest.approx(0.2)  # the start's: the reference
+    start = logged(cb, 1, [spread(0.1), spread(0.3)])
+    assert start[Disagreement.KEY] == pytest.approx(0.2)  # the start's: the reference
     logged(cb, 2, [spread(0.35)])
     assert not warnings and cb.fired_at is None  # 1.75x: within the budget
     logged(cb, 3, [spread(0.5)])
@@ -393,7 +394,8 @@ def test_the_swap_specialists_split_every_swappable_element_among_the_members():
 @pytest.mark.slow
 def test_members_train_on_the_data_ensemble_data_gives_each(ci_fine_tuned, tmp_path):
     """Member 0 on the stage's demo pairs, member 1 on a file of the same kind of pairs with chosen and rejected
-    swapped: both are evaluated on the stage's held-out pairs, where member 1 learned the wrong way round."""
+    swapped: both are evaluated on the stage's held-out pairs, where member 1 learned the wrong way round, and each
+    on the held-out pairs of its own data, where each learned its data's way."""
     home = copy_registry(ci_fine_tuned, tmp_path)
     reversed_pairs = tmp_path / "reversed.jsonl"
     reversed_pairs.write_text("".join(json.dumps({"prompt": r["prompt"], "chosen": r["rejected"], "rejected": r["chosen"]})
@@ -402,6 +404,20 @@ def test_members_train_on_the_data_ensemble_data_gives_each(ci_fine_tuned, tmp_p
                                   f"'reward.ensemble_data=[{{}},{{kind:file,path:{reversed_pairs}}}]'")  # braces: quoted
     m = Registry(str(home)).resolve("reward:latest").entry.metrics
     assert m["eval_accuracy/member_0"] > 0.6 > 0.4 > m["eval_accuracy/member_1"], m
+    assert m["eval_accuracy/member_0/own"] > 0.6 and m["eval_accuracy/member_1/own"] > 0.6, m
+    assert "eval_accuracy/member_0/own/swap" in m  # the demo's pairs name their class; the file's do not
+    assert not any(k.startswith("eval_accuracy/member_1/own/") for k in m)
+
+
+def test_a_member_no_better_than_chance_on_a_class_of_its_own_data_is_named():
+    from reward_model.train import own_data_accuracy
+    held = [[{"prompt": "p", "chosen": "a", "rejected": "b", "flaw": c} for c in ["easy"] * 40 + ["swap"] * 40]] * 2
+    chosen = torch.tensor([[1.0, 1.0]] * 40 + [[1.0, 1.0 if i % 2 else -1.0] for i in range(40)])
+    rm = SimpleNamespace(pair_member_scores=lambda pairs: (chosen, torch.zeros_like(chosen)))
+    metrics, doubts = own_data_accuracy(rm, held)
+    assert metrics["eval_accuracy/member_0/own/swap"] == 1.0 and metrics["eval_accuracy/member_1/own/swap"] == 0.5
+    assert metrics["eval_accuracy/member_1/own"] == 0.75 and metrics["eval_accuracy/member_1/own/easy"] == 1.0
+    assert len(doubts) == 1 and doubts[0].startswith("member 1 scores 0.500") and "40 held-out swap pairs" in doubts[0]
 
 
 def test_diversity_measures_separate_blind_members_from_agreeing_ones():

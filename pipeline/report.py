@@ -92,24 +92,30 @@ def plot_training(e: Entry, out: Path) -> Path | None:
     return path
 
 
+def policy_panels(stage: str, log: list[dict]) -> list[tuple[list[str], str]]:
+    """The curves of an online method's log history, a panel each: (logged keys, label), those it logged."""
+    reward_key, kl_key = CURVES[stage]
+    members = sorted({k for h in log for k in h if k.startswith("reward/member_")},
+                     key=lambda k: int(k.rsplit("_", 1)[1]))
+    panels = [([reward_key], "reward" + (" (normalized)" if stage == "ppo" else "")),
+              ([kl_key], "KL to the SFT policy"), (["reward/ensemble_std"], "reward ensemble's disagreement"),
+              (members, "each reward member's score")]
+    return [(keys, label) for keys, label in panels if any(k in h for k in keys for h in log)]
+
+
 def plot_policy(e: Entry, out: Path) -> Path | None:
     """Reward, KL to the reference, a reward ensemble's disagreement and each member's score (a member that parts
     ways with the others is one that sees what they do not), and on the demo the gold score, over the updates of
     PPO, GRPO or RLOO."""
     import matplotlib.pyplot as plt
 
-    reward_key, kl_key = CURVES[e.stage]
+    reward_key = CURVES[e.stage][0]
     history = read_json(Path(e.path) / f"{e.stage}_history.json") or {}
     log = [h for h in history.get("log", []) if reward_key in h]
     if not log:
         return None
     gold = history.get("gold", [])
-    members = sorted({k for h in log for k in h if k.startswith("reward/member_")},
-                     key=lambda k: int(k.rsplit("_", 1)[1]))
-    panels = [([reward_key], "reward" + (" (normalized)" if e.stage == "ppo" else "")),
-              ([kl_key], "KL to the SFT policy"), (["reward/ensemble_std"], "reward ensemble's disagreement"),
-              (members, "each reward member's score")]
-    panels = [(keys, label) for keys, label in panels if any(k in h for k in keys for h in log)]
+    panels = policy_panels(e.stage, log)
     fig, axes = plt.subplots(1, len(panels) + bool(gold), figsize=(5 * (len(panels) + bool(gold)), 3.6),
                              squeeze=False)
     name = e.stage.upper()

@@ -236,6 +236,15 @@ def test_each_members_mean_score_on_the_rollouts_is_logged_beside_their_disagree
     assert row[Disagreement.KEY] == pytest.approx((0.8165 + 1.633) / 2, abs=1e-3)
 
 
+def test_the_report_draws_every_members_score_in_one_panel_after_the_disagreement():
+    from pipeline.report import policy_panels
+    log = [{"step": 1, "objective/scores": 0.1, "objective/kl": 0.0, Disagreement.KEY: 0.3,
+            **{Disagreement.MEMBER.format(i): 0.1 * i for i in range(12)}}]
+    panels = policy_panels("ppo", log)
+    assert [keys for keys, _ in panels][2:] == [[Disagreement.KEY], [Disagreement.MEMBER.format(i) for i in range(12)]]
+    assert len(policy_panels("ppo", [{"step": 1, "objective/scores": 0.1, "objective/kl": 0.0}])) == 2  # one model
+
+
 @pytest.mark.parametrize("overrides,match", [
     (["ppo.reward_uncertainty=pessimistic"], "reward_uncertainty must be one of none, mean_minus_std, min"),
     (["ppo.disagreement_budget=0"], "disagreement_budget must be positive"),

@@ -162,28 +162,24 @@ def wilson(right: int, n: int, z: float = 1.96) -> tuple[float, float]:
     return centre - half, centre + half
 
 
-def own_data_accuracy(rm: RewardModel, held: list[list[dict]]) -> tuple[dict, list[str]]:
+def own_data_accuracy(members: list[RewardModel], held: list[list[dict]]) -> tuple[dict, list[str]]:
     """(metrics, doubts): each member's accuracy on the held-out pairs of its own data (reward.ensemble_data[i]),
     overall and per class of rejected response where the pairs name one (eval_accuracy/member_<i>/own[/<class>]);
     a doubt for each whose 95% interval reaches down to chance. A member's own data is what sets it apart from the
     others: one that did not learn from it adds nothing the others do not see, and its ensemble's disagreement
     cannot flag what it was meant to."""
     metrics, doubts = {}, []
-    for i, pairs in enumerate(held):
-        groups = {"": [], **{p["flaw"]: [] for p in pairs if p.get("flaw")}}
-        chosen, rejected = rm.pair_member_scores([{k: v for k, v in p.items() if k != "flaw"} for p in pairs])
-        for p, right in zip(pairs, (chosen[:, i] > rejected[:, i]).tolist()):
-            groups[""].append(right)
-            if p.get("flaw"):
-                groups[p["flaw"]].append(right)
-        for c, rights in groups.items():
-            key = f"eval_accuracy/member_{i}/own" + (f"/{c}" if c else "")
-            metrics[key] = sum(rights) / len(rights)
-            low, high = wilson(sum(rights), len(rights))
+    for i, (rm, pairs) in enumerate(zip(members, held)):
+        classes = [p.get("flaw") for p in pairs]
+        own, _ = evaluate_pairs(rm, [{k: v for k, v in p.items() if k != "flaw"} for p in pairs], classes)
+        for c in ["", *sorted(set(filter(None, classes)))]:
+            key, n = f"eval_accuracy/member_{i}/own" + (f"/{c}" if c else ""), own.get(f"eval_pairs/{c}", len(pairs))
+            metrics[key] = own[f"eval_accuracy/{c}" if c else "eval_accuracy"]
+            low, high = wilson(round(metrics[key] * n), n)
             if low <= 0.5:
-                doubts.append(f"member {i} scores {metrics[key]:.3f} [{low:.2f}, {high:.2f}] on the "
-                              f"{len(rights)} held-out {c + ' ' if c else ''}pairs of its own data "
-                              f"(reward.ensemble_data[{i}]): no better than chance")
+                doubts.append(f"member {i} scores {metrics[key]:.3f} [{low:.2f}, {high:.2f}] on the {n} held-out "
+                              f"{c + ' ' if c else ''}pairs of its own data (reward.ensemble_data[{i}]): no better "
+                              f"than chance")
     return metrics, doubts
 
 
@@ -317,7 +313,8 @@ def reward(run: StageRun) -> dict:
                 + (f", disagreement {metrics[f'eval_disagreement/{c}']:.3f})" if k > 1 else ")")
                 for c, v in per_class.items()))
         if member_data:
-            own, doubts = own_data_accuracy(RewardModel(scorer, tok), [held for _, held in member_data])
+            own, doubts = own_data_accuracy([RewardModel(m, tok) for m in scorer.members],  # each alone
+                                            [held for _, held in member_data])
             metrics.update(own)
             if doubts:
                 run.warn("; ".join(doubts) + ". Such a member has not learned what its data sets apart, and the "

@@ -422,8 +422,9 @@ def test_a_member_no_better_than_chance_on_a_class_of_its_own_data_is_named():
     from reward_model.train import own_data_accuracy
     held = [[{"prompt": "p", "chosen": "a", "rejected": "b", "flaw": c} for c in ["easy"] * 40 + ["swap"] * 40]] * 2
     chosen = torch.tensor([[1.0, 1.0]] * 40 + [[1.0, 1.0 if i % 2 else -1.0] for i in range(40)])
-    rm = SimpleNamespace(pair_member_scores=lambda pairs: (chosen, torch.zeros_like(chosen)))
-    metrics, doubts = own_data_accuracy(rm, held)
+    member = lambda i: SimpleNamespace(members=1, normalised=lambda s: s, pair_member_scores=lambda pairs: (
+        chosen[:, i:i + 1], torch.zeros(len(chosen), 1)))  # each member scored alone
+    metrics, doubts = own_data_accuracy([member(0), member(1)], held)
     assert metrics["eval_accuracy/member_0/own/swap"] == 1.0 and metrics["eval_accuracy/member_1/own/swap"] == 0.5
     assert metrics["eval_accuracy/member_1/own"] == 0.75 and metrics["eval_accuracy/member_1/own/easy"] == 1.0
     assert len(doubts) == 1 and doubts[0].startswith("member 1 scores 0.500") and "40 held-out swap pairs" in doubts[0]

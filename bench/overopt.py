@@ -13,8 +13,8 @@ It trains on the registry's latest SFT entry (`make sft` first; or --policy) and
 ensemble (or --reward), training one (`make reward ARGS="reward.ensemble_size=4"`) when there is none. Every run checks gold on all its
 held-out prompts every `--every` updates, sampled as its final evaluation samples them, and records the proxy
 reward, KL and the ensemble's disagreement on its rollouts. Per seed and method it finds gold's peak, the first
-update at which gold falls 0.03 below its running peak, the update at which the disagreement warning fired, and
-fits Gao et al.'s form R(d) = d (alpha - beta ln d), d = sqrt(KL), to the unguarded run's gold gain over the
+update at which gold falls 0.03 below its running peak, the updates at which the disagreement warning and the
+stall warning (the KL grown with the reward flat, `stall_budget`) fired, and fits Gao et al.'s form R(d) = d (alpha - beta ln d), d = sqrt(KL), to the unguarded run's gold gain over the
 start. It writes $PIPELINE_HOME/overopt.json and overopt.png (proxy and gold against sqrt(KL), the fit and its
 peak) and prints a table.
 """
@@ -76,7 +76,9 @@ def overrides(method: str, mode: str, seed: int, reward_id: str, sft_id: str, st
            f"{section}.reward_uncertainty_coef={a.coef}", f"{section}.kl_budget=null",
            f"{section}.gold_every={a.every}", f"{section}.gold_prompts={a.prompts}", f"eval.num_prompts={a.prompts}"]
     if a.no_kl:
-        out.append("ppo.kl_coef=0.0" if method == "ppo" else "grpo.beta=0.0")
+        # GRPO at beta 0 loads no reference model and so measures no KL, the curves' x axis: a penalty of a
+        # five-hundredth of the default keeps the measure and takes the pull away
+        out.append("ppo.kl_coef=0.0" if method == "ppo" else "grpo.beta=0.0001")
     if a.lr_scale != 1:
         out.append(f"trainer.learning_rate={float(composed(method, scale).trainer.learning_rate) * a.lr_scale:g}")
     return out
@@ -153,12 +155,14 @@ def summarise(unguarded, guarded) -> dict:
                       "proxy_final_minus_at_peak": (final["proxy"] - peak["proxy"]
                                                     if None not in (final["proxy"], peak["proxy"]) else None),
                       "warning_update": unguarded.metrics.get("disagreement_warning_step"),
+                      "stall_update": unguarded.metrics.get("stall_warning_step"),
                       "gold_drop_update": gold_drop_update(u_points),
                       "ensemble_std_start": unguarded.metrics.get("ensemble_std_start"),
                       "ensemble_std_final": unguarded.metrics.get("ensemble_std_final"), "curve": u_points},
         "guarded": {"entry": guarded.id, "gold_final": g_points[-1]["gold"], "swap_start": swap(guarded, "baseline_"),
                     "swap_final": swap(guarded, ""), "gold_drop_update": gold_drop_update(g_points),
-                    "warning_update": guarded.metrics.get("disagreement_warning_step"), "curve": g_points},
+                    "warning_update": guarded.metrics.get("disagreement_warning_step"),
+                    "stall_update": guarded.metrics.get("stall_warning_step"), "curve": g_points},
         # the final evaluations' per-prompt gold, guarded - unguarded, on the same held-out prompts
         "guarded_minus_unguarded": {"gold": diff, "ci_low": low, "ci_high": high},
         "gao_fit": gao_fit(u_points),
@@ -201,7 +205,7 @@ def plot(results: list[dict], path: Path) -> None:
 
 def table(results: list[dict]) -> str:
     lines = ["| seed | method | gold start -> peak (update) -> final | proxy final - at peak | swap start -> final "
-             "| warning / gold drop (update) | guarded final gold | guarded - unguarded [95%] | guarded swap |",
+             "| disagreement / stall warning / gold drop (update) | guarded final gold | guarded - unguarded [95%] | guarded swap |",
              "|---|---|---|---|---|---|---|---|---|"]
     f = lambda v: "–" if v is None else f"{v:.3f}"
     for s in results:
@@ -212,7 +216,7 @@ def table(results: list[dict]) -> str:
             lines.append(
                 f"| {s['seed']} | {m} | {f(u['curve'][0]['gold'])} -> {f(u['gold_peak'])} ({u['gold_peak_update']}) "
                 f"-> {f(u['gold_final'])} | {f(u['proxy_final_minus_at_peak'])} | {f(u['swap_start'])} -> "
-                f"{f(u['swap_final'])} | {u['warning_update']} / {u['gold_drop_update']} | {f(g['gold_final'])} | "
+                f"{f(u['swap_final'])} | {u['warning_update']} / {u['stall_update']} / {u['gold_drop_update']} | {f(g['gold_final'])} | "
                 f"{d['gold']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] | {f(g['swap_start'])} -> "
                 f"{f(g['swap_final'])} |")
     return "\n".join(lines)
@@ -229,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="the guarded runs' reward: mean - lambda std (default), or the members' lowest score (min)")
     ap.add_argument("--coef", type=float, default=1.0, help="lambda of the guarded reward, mean - lambda std")
     ap.add_argument("--members", type=int, default=4, help="the ensemble's size, where one must be trained")
-    ap.add_argument("--no-kl", action="store_true", help="no KL penalty (ppo.kl_coef=0, grpo.beta=0)")
+    ap.add_argument("--no-kl", action="store_true", help="no KL penalty (ppo.kl_coef=0, grpo.beta=1e-4)")
     ap.add_argument("--lr-scale", type=float, default=1.0, help="the learning rate, as a multiple of the default")
     ap.add_argument("--scale", default="demo", help="the experiment: demo, or ci for micro sizes")
     ap.add_argument("--policy", default="sft:latest", help="the SFT start, a registry reference (default: sft:latest)")

@@ -494,6 +494,13 @@ class OnlineRLSettings:
     # disagreement_stop the stage also stops there, keeping the policy of that update. Recorded in the entry.
     disagreement_budget: Optional[float] = 1.5
     disagreement_stop: bool = False
+    # Warn when the policy's KL to its start (nats per response, 8-update means) has grown past this many times its
+    # value where the reward it is trained on last rose (by 0.05 of the normalised reward): the policy moving where
+    # the reward model sees no gain, which on the demo came before gold fell (docs/results.md, "A warning that
+    # reads the reward and the KL"). Needs no ensemble; null turns it off. With stall_stop the stage also stops
+    # there, keeping the policy of that update. Recorded in the entry.
+    stall_budget: Optional[float] = 1.5
+    stall_stop: bool = False
 
     def __post_init__(self):
         if self.reward_uncertainty not in UNCERTAINTY_MODES:
@@ -501,6 +508,8 @@ class OnlineRLSettings:
                              f"{self.reward_uncertainty!r}")
         if self.disagreement_budget is not None and self.disagreement_budget <= 0:
             raise ValueError(f"disagreement_budget must be positive (or null), got {self.disagreement_budget}")
+        if self.stall_budget is not None and self.stall_budget <= 1:
+            raise ValueError(f"stall_budget must be above 1 (a growth of the KL), or null, got {self.stall_budget}")
 
 
 @dataclass

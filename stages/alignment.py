@@ -162,6 +162,74 @@ class KLBudget(Kept, TrainerCallback):
             metrics.update(kl_budget_stop_step=self.fired_at["step"], kl_budget_stop_kl=self.fired_at["kl"])
 
 
+class RewardStall(Kept, TrainerCallback):
+    """The policy still moving away from its start after the reward it is trained on stopped rising: past the
+    reward's top, what KL buys is what the reward model cannot judge, where over-optimisation happens (Gao et al.'s
+    gold falls past the proxy's knee). Over `WINDOW` logs' means, the best reward so far and the KL where it was
+    reached; when the KL has grown past `budget` times that with the reward no more than `MARGIN` above its best,
+    a warning (and with `stop`, the end of training), recorded in the entry. It reads only the reward and the KL,
+    so it needs neither a gold judge nor an ensemble."""
+
+    WINDOW = 8  # one update's 64 rollouts move the reward by more than the policy moves it over several
+    MARGIN = 0.05  # of the normalised reward: a rise smaller than this is noise, not a rise
+    FLOOR = 0.5  # nats: a KL this small is the start's neighbourhood, where growth by a ratio means nothing
+    kept = ("rewards", "kls", "best", "fired_at")
+
+    def __init__(self, budget: float | None, stop: bool, warn, reward_key: str, kl_of):
+        self.budget, self.stop, self.warn = budget, stop, warn
+        # the stage's logged reward, and its KL in nats per response (from a log; None where it has none)
+        self.reward_key, self.kl_of = reward_key, kl_of
+        self.rewards: list[float] = []
+        self.kls: list[float] = []
+        self.best = None  # {"step", "reward", "kl"}: where the windowed reward last rose by MARGIN
+        self.fired_at = None
+
+    @property
+    def stopped(self) -> bool:
+        return self.fired_at is not None and self.stop
+
+    def observe(self, step: int, reward: float, kl: float) -> bool:
+        """One log's reward and KL; True when the warning fires with it."""
+        self.rewards.append(reward)
+        self.kls.append(kl)
+        if self.budget is None or self.fired_at is not None or len(self.rewards) < self.WINDOW:
+            return False
+        mean_reward = sum(self.rewards[-self.WINDOW:]) / self.WINDOW
+        mean_kl = sum(self.kls[-self.WINDOW:]) / self.WINDOW
+        if self.best is None or mean_reward > self.best["reward"] + self.MARGIN:
+            self.best = {"step": step, "reward": mean_reward, "kl": mean_kl}
+            return False
+        if mean_kl < self.budget * max(self.best["kl"], self.FLOOR):
+            return False
+        self.fired_at = {"step": step, "kl": mean_kl, "reward": mean_reward, "best": dict(self.best)}
+        return True
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        logs = logs or {}
+        kl = self.kl_of(logs)
+        if self.reward_key not in logs or kl is None:
+            return
+        if not self.observe(state.global_step, logs[self.reward_key], kl):
+            return
+        b = self.fired_at["best"]
+        self.warn(f"the reward stopped rising at update {b['step']} ({b['reward']:.3f}, KL {b['kl']:.2f}); by update "
+                  f"{state.global_step} the KL is {self.fired_at['kl']:.2f} (stall_budget {self.budget}x) with the "
+                  f"reward at {self.fired_at['reward']:.3f} ({self.WINDOW}-update means): the policy is moving "
+                  f"where the reward model sees no gain, where over-optimisation happens"
+                  + ("; stopping" if self.stop else "; stall_stop=true would stop the run here"))
+        if self.stop:
+            raise BudgetExceeded()
+
+    def record(self, run, metrics: dict) -> None:
+        if not self.fired_at:
+            return
+        metrics.update(stall_warning_step=self.fired_at["step"], stall_best_step=self.fired_at["best"]["step"])
+        if self.stop:
+            metrics["stall_stop_step"] = self.fired_at["step"]
+            run.log(f"stall budget exceeded at update {self.fired_at['step']}: stopped early, keeping the policy of "
+                    f"that update")
+
+
 class Disagreement(Kept, TrainerCallback):
     """The reward ensemble's disagreement on the policy's own rollouts: per update, the mean std of the members'
     normalised scores over the responses it scored, and each member's mean score; each log carries their means

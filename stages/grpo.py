@@ -35,7 +35,7 @@ from pipeline.rewards import ORACLES, resolve_reward_function
 from pipeline.run import StageRun, run_stage
 from pipeline.trainer import trainer_arguments
 from reward_model.scoring import RewardModel
-from stages.alignment import (BudgetExceeded, Disagreement, GoldTracker, KLBudget, ensemble_note,
+from stages.alignment import (BudgetExceeded, Disagreement, GoldTracker, KLBudget, RewardStall, ensemble_note,
                               evaluate_against_start, load_scorer, reward_statistics)
 
 register_schemas()
@@ -109,9 +109,11 @@ def grpo(run: StageRun) -> dict:
     tracker = GoldTracker(policy, tok, eval_rows[:g.gold_prompts] if judged else [], g.gold_every, cfg.eval,
                           "reward", "kl")
     budget = KLBudget(g.kl_budget, "kl")
-    guards = [budget]
-    if head is not None:
-        guards.append(Disagreement(head, g.disagreement_budget, g.disagreement_stop, run.warn))
+    # TRL logs GRPO's KL per token: per response, as PPO's, it is that times the responses' mean length
+    per_response = lambda log: log["kl"] * log["completions/mean_length"] if "kl" in log else None
+    stall = RewardStall(g.stall_budget, g.stall_stop, run.warn, "reward", per_response)
+    disagreement = None if head is None else Disagreement(head, g.disagreement_budget, g.disagreement_stop, run.warn)
+    guards = [budget, stall, *[disagreement] * (disagreement is not None)]
     trainer = trainer_cls(model=policy, reward_funcs=funcs, args=args, train_dataset=Dataset.from_list(train_rows),
                           processing_class=tok, reward_processing_classes=processing,
                           peft_config=lora_config(cfg.peft, "CAUSAL_LM"),
@@ -135,7 +137,7 @@ def grpo(run: StageRun) -> dict:
         history = [h for h in trainer.state.log_history if "reward" in h]
         (Path(run.entry.path) / f"{run.stage}_history.json").write_text(json.dumps(
             {"log": history, "gold": tracker.history,
-             "disagreement": guards[-1].history if head is not None else []}, indent=1))
+             "disagreement": disagreement.history if disagreement is not None else []}, indent=1))
     return metrics
 
 

@@ -36,7 +36,7 @@ from pipeline.registry import Registry
 from pipeline.run import StageRun, run_stage
 from pipeline.trainer import trainer_arguments
 from reward_model.scoring import RewardModel
-from stages.alignment import (BudgetExceeded, Disagreement, GoldTracker, KLBudget, Kept, ensemble_note,
+from stages.alignment import (BudgetExceeded, Disagreement, GoldTracker, KLBudget, Kept, RewardStall, ensemble_note,
                               evaluate_against_start, load_scorer, reward_statistics, value_model)
 
 register_schemas()
@@ -204,8 +204,9 @@ def ppo(run: StageRun) -> dict:
                           cfg.eval, "objective/scores", "objective/kl")
     budget = KLBudget(p.kl_budget, "objective/kl")
     disagreement = Disagreement(scorer.score, p.disagreement_budget, p.disagreement_stop, run.warn)
+    stall = RewardStall(p.stall_budget, p.stall_stop, run.warn, "objective/scores", lambda log: log.get("objective/kl"))
     # an update is long: the first one's warm-up is all the step timer leaves out
-    callbacks = [*standard_callbacks(run, timer_skip=1), tracker, budget, disagreement]
+    callbacks = [*standard_callbacks(run, timer_skip=1), tracker, budget, disagreement, stall]
     trainer = ResumablePPOTrainer(args=args, processing_class=tok, model=policy, ref_model=reference,
                                   reward_model=scorer, value_model=value, train_dataset=train_ds, eval_dataset=eval_ds,
                                   peft_config=lora_config(cfg.peft, "CAUSAL_LM"), callbacks=callbacks,
@@ -224,6 +225,7 @@ def ppo(run: StageRun) -> dict:
     metrics = {"ppo_steps": trainer.state.global_step, "episodes": trainer.state.episode}
     budget.record(run, metrics)
     disagreement.record(run, metrics)
+    stall.record(run, metrics)
     run.record(**metrics)  # kept should the evaluation below fail
     if run.is_main:
         tuned = unwrapped(trainer.model.policy if hasattr(trainer.model, "policy") else trainer.policy_model, run)

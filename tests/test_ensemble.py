@@ -248,6 +248,7 @@ def test_the_report_draws_every_members_score_in_one_panel_after_the_disagreemen
 @pytest.mark.parametrize("overrides,match", [
     (["ppo.reward_uncertainty=pessimistic"], "reward_uncertainty must be one of none, mean_minus_std, min"),
     (["ppo.disagreement_budget=0"], "disagreement_budget must be positive"),
+    (["ppo.stall_budget=1.0"], "stall_budget must be above 1"),
 ])
 def test_bad_guard_settings_are_named(overrides, match):
     with pytest.raises(PipelineError, match=match):

@@ -12,7 +12,7 @@ from pipeline.errors import PipelineError
 from pipeline.run import StageRun
 from pipeline.tokenizer import train_bpe
 from pipeline.handoff import check_reward_handoff
-from stages.alignment import BudgetExceeded, KLBudget
+from stages.alignment import BudgetExceeded, KLBudget, RewardStall
 from stages.ppo import ppo_arguments
 from tests.conftest import compose
 
@@ -76,6 +76,55 @@ def test_kl_budget_stops_and_records():
     with pytest.raises(BudgetExceeded):
         cb.on_log(None, state, None, logs={"objective/kl": 6.0})
     assert cb.fired_at == {"step": 7, "kl": 6.0}
+
+
+def stall_log(cb, rows, kl_key="objective/kl", reward_key="objective/scores", **extra):
+    """Feed (reward, kl) rows to the callback as consecutive logs; the steps at which it warned."""
+    fired = []
+    for reward, kl in rows:
+        step = len(cb.rewards) + 1
+        before = cb.fired_at
+        cb.on_log(None, SimpleNamespace(global_step=step), None, logs={reward_key: reward, kl_key: kl, **extra})
+        if cb.fired_at is not before:
+            fired.append(step)
+    return fired
+
+
+def test_the_stall_warning_fires_when_the_kl_grows_and_the_reward_does_not():
+    warnings = []
+    cb = RewardStall(1.5, False, warnings.append, "objective/scores", lambda log: log.get("objective/kl"))
+    w = RewardStall.WINDOW
+    # the reward rises at a KL of 1: every window is a new best
+    assert stall_log(cb, [(0.1 * i, 1.0) for i in range(1, 2 * w + 1)]) == [] and not warnings
+    assert cb.best["step"] == 2 * w and cb.best["kl"] == pytest.approx(1.0)
+    # then no higher while the KL climbs to 3: the window's KL passes 1.5 the second such update
+    flat = [(0.0, 3.0)] * w
+    fired = stall_log(cb, flat)
+    assert fired == [2 * w + 2] and cb.fired_at["best"]["step"] == 2 * w and len(warnings) == 1
+    assert cb.fired_at["kl"] == pytest.approx(1.5) and "stall_stop=true would stop" in warnings[0]
+    assert stall_log(cb, flat) == []  # once
+    metrics = {}
+    cb.record(SimpleNamespace(log=print), metrics)
+    assert metrics == {"stall_warning_step": 2 * w + 2, "stall_best_step": 2 * w}
+
+    # flat reward with the KL near the start: growth by a ratio from almost nothing is not drift
+    near = RewardStall(1.5, False, warnings.append, "objective/scores", lambda log: log.get("objective/kl"))
+    assert stall_log(near, [(0.3, 0.01 * i) for i in range(1, 5 * w)]) == []
+    # the reward falling as the KL grows (a task breaking) is a stall as well; with stall_stop the run stops
+    stopping = RewardStall(1.5, True, warnings.append, "objective/scores", lambda log: log.get("objective/kl"))
+    with pytest.raises(BudgetExceeded):
+        stall_log(stopping, [(0.5 - 0.02 * i, 0.6 + 0.2 * i) for i in range(4 * w)])
+    assert stopping.stopped
+
+
+def test_grpo_reads_the_stall_in_nats_per_response():
+    """TRL logs GRPO's KL per token; the stall budget's floor is in nats per response, as PPO's KL."""
+    per_response = lambda log: log["kl"] * log["completions/mean_length"] if "kl" in log else None
+    cb = RewardStall(1.5, False, print, "reward", per_response)
+    rows = [(0.5, 0.02)] * RewardStall.WINDOW + [(0.5, 0.06)] * RewardStall.WINDOW
+    assert stall_log(cb, rows, kl_key="kl", reward_key="reward", **{"completions/mean_length": 20.0}) != []
+    short = RewardStall(1.5, False, print, "reward", per_response)  # the same per-token KL on 2-token responses
+    assert stall_log(short, rows, kl_key="kl", reward_key="reward", **{"completions/mean_length": 2.0}) == []
 
 
 def test_tokenizer_mismatch_names_both_checkpoints(tok):

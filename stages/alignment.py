@@ -215,7 +215,8 @@ class RewardStall(Kept, TrainerCallback):
         self.warn(f"the reward stopped rising at update {b['step']} ({b['reward']:.3f}, KL {b['kl']:.2f}); by update "
                   f"{state.global_step} the KL is {self.fired_at['kl']:.2f} (stall_budget {self.budget}x) with the "
                   f"reward at {self.fired_at['reward']:.3f} ({self.WINDOW}-update means): the policy is moving "
-                  f"where the reward model sees no gain, where over-optimisation happens"
+                  f"where the reward model sees no gain, buying KL and not reward; past this point a reward "
+                  f"model's errors are what is left to learn"
                   + ("; stopping" if self.stop else "; stall_stop=true would stop the run here"))
         if self.stop:
             raise BudgetExceeded()

@@ -109,9 +109,7 @@ def grpo(run: StageRun) -> dict:
     tracker = GoldTracker(policy, tok, eval_rows[:g.gold_prompts] if judged else [], g.gold_every, cfg.eval,
                           "reward", "kl")
     budget = KLBudget(g.kl_budget, "kl")
-    # TRL logs GRPO's KL per token: per response, as PPO's, it is that times the responses' mean length
-    per_response = lambda log: log["kl"] * log["completions/mean_length"] if "kl" in log else None
-    stall = RewardStall(g.stall_budget, g.stall_stop, run.warn, "reward", per_response)
+    stall = RewardStall(g.stall_budget, g.stall_stop, run.warn, "reward", kl_per_response)
     disagreement = None if head is None else Disagreement(head, g.disagreement_budget, g.disagreement_stop, run.warn)
     guards = [budget, stall, *[disagreement] * (disagreement is not None)]
     trainer = trainer_cls(model=policy, reward_funcs=funcs, args=args, train_dataset=Dataset.from_list(train_rows),
@@ -139,6 +137,14 @@ def grpo(run: StageRun) -> dict:
             {"log": history, "gold": tracker.history,
              "disagreement": disagreement.history if disagreement is not None else []}, indent=1))
     return metrics
+
+
+def kl_per_response(log: dict) -> float | None:
+    """A log's KL to the reference in nats per response, as PPO logs it: TRL logs GRPO's and RLOO's per token, so
+    it is that times the responses' mean length; None in a log without it (beta 0 measures none)."""
+    if "kl" not in log or "completions/mean_length" not in log:
+        return None
+    return log["kl"] * log["completions/mean_length"]
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="grpo")

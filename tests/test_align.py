@@ -9,6 +9,7 @@ from hydra.errors import ConfigCompositionException
 from pipeline import demo
 from pipeline.errors import PipelineError
 from pipeline.rewards import demo_oracle, no_repeated_sentences, resolve_reward_function
+from stages.grpo import kl_per_response
 from tests.conftest import compose, copy_registry, make, registry_entries
 
 
@@ -141,6 +142,8 @@ def test_grpo_and_rloo_with_a_reward_model_and_functions(ci_fine_tuned, tmp_path
     assert all(k in m for k in GAIN + ("reward_mean", "baseline_reward_mean")) and m["oracle"] is False
     history = json.load(open(Path(e["path"]) / "grpo_history.json"))["log"]
     assert len(history) == 4
+    # the stall warning reads each log's KL per response: TRL's per-token KL times the mean length
+    assert all(kl_per_response(h) == pytest.approx(h["kl"] * h["completions/mean_length"]) for h in history)
     sources = {k for h in history for k in h if k.startswith("rewards/") and k.endswith("/mean")}
     assert any("no_repeated_sentences" in k for k in sources) and len(sources) == 2, sources
 

@@ -119,12 +119,13 @@ def test_the_stall_warning_fires_when_the_kl_grows_and_the_reward_does_not():
 
 def test_grpo_reads_the_stall_in_nats_per_response():
     """TRL logs GRPO's KL per token; the stall budget's floor is in nats per response, as PPO's KL."""
-    per_response = lambda log: log["kl"] * log["completions/mean_length"] if "kl" in log else None
-    cb = RewardStall(1.5, False, print, "reward", per_response)
+    from stages.grpo import kl_per_response
     rows = [(0.5, 0.02)] * RewardStall.WINDOW + [(0.5, 0.06)] * RewardStall.WINDOW
+    cb = RewardStall(1.5, False, print, "reward", kl_per_response)
     assert stall_log(cb, rows, kl_key="kl", reward_key="reward", **{"completions/mean_length": 20.0}) != []
-    short = RewardStall(1.5, False, print, "reward", per_response)  # the same per-token KL on 2-token responses
+    short = RewardStall(1.5, False, print, "reward", kl_per_response)  # the same per-token KL, 2-token responses
     assert stall_log(short, rows, kl_key="kl", reward_key="reward", **{"completions/mean_length": 2.0}) == []
+    assert kl_per_response({"reward": 0.5}) is None  # beta 0: no KL logged, nothing observed
 
 
 def test_tokenizer_mismatch_names_both_checkpoints(tok):

@@ -8,6 +8,7 @@ seeds, with the gold judge watching what the reward model cannot see.
     make overopt ARGS="--no-kl --lr-scale 3"                 # no KL penalty and a larger step, where gold never falls
     make overopt ARGS="--policy sft-A --reward reward-B"     # a given start and ensemble
     make overopt ARGS="--guard min"                          # the guarded runs on the members' worst case
+    make overopt ARGS="--guard stall"                        # the guarded runs stopped by the stall warning
 
 It trains on the registry's latest SFT entry (`make sft` first; or --policy) and its latest reward entry with an
 ensemble (or --reward), training one (`make reward ARGS="reward.ensemble_size=4"`) when there is none. Every run checks gold on all its
@@ -32,7 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 DROP = 0.03  # gold this far below its running peak is a fall (gold_drop_update)
 METHODS = {"ppo": ("ppo", "ppo"), "grpo": ("grpo", "grpo")}  # method -> (make target, settings section)
 MODES = ("unguarded", "guarded")
-GUARDS = ("mean_minus_std", "min")  # the guarded runs' reward_uncertainty
+# the guarded runs' reward_uncertainty, or stall: trained on the mean, stopped by the stall warning (stall_stop)
+GUARDS = ("mean_minus_std", "min", "stall")
 
 
 def make(target: str, args: list[str]) -> None:
@@ -70,11 +72,13 @@ def composed(method: str, scale: list[str]):
 def overrides(method: str, mode: str, seed: int, reward_id: str, sft_id: str, steps: int, a,
               scale: list[str]) -> list[str]:
     section = METHODS[method][1]
-    guard = a.guard if mode == "guarded" else "none"
+    guard = a.guard if mode == "guarded" and a.guard != "stall" else "none"
     out = [*scale, f"seed={seed}", f"init_from={sft_id}", f"reward_model={reward_id}", "logging=none",
            f"trainer.max_steps={steps}", "trainer.logging_steps=1", f"{section}.reward_uncertainty={guard}",
            f"{section}.reward_uncertainty_coef={a.coef}", f"{section}.kl_budget=null",
            f"{section}.gold_every={a.every}", f"{section}.gold_prompts={a.prompts}", f"eval.num_prompts={a.prompts}"]
+    if mode == "guarded" and a.guard == "stall":
+        out.append(f"{section}.stall_stop=true")
     if a.no_kl:
         # GRPO at beta 0 loads no reference model and so measures no KL, the curves' x axis: a penalty of a
         # five-hundredth of the default keeps the measure and takes the pull away
@@ -230,7 +234,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--every", type=int, default=4, help="a gold check every this many updates (default: 4)")
     ap.add_argument("--prompts", type=int, default=200, help="held-out prompts, gold-checked at each check")
     ap.add_argument("--guard", default="mean_minus_std", choices=GUARDS,
-                    help="the guarded runs' reward: mean - lambda std (default), or the members' lowest score (min)")
+                    help="the guarded runs' reward: mean - lambda std (default), the members' lowest score (min), or "
+                         "their mean with the run stopped by the stall warning (stall)")
     ap.add_argument("--coef", type=float, default=1.0, help="lambda of the guarded reward, mean - lambda std")
     ap.add_argument("--members", type=int, default=4, help="the ensemble's size, where one must be trained")
     ap.add_argument("--no-kl", action="store_true", help="no KL penalty (ppo.kl_coef=0, grpo.beta=1e-4)")

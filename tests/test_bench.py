@@ -84,3 +84,18 @@ def test_the_stage_and_the_bare_loop_run_in_alternating_segments(tmp_path):
         assert "aten::mm" in (tmp_path / "profile" / f"{side}.txt").read_text()
     differences = [abs(r["stage_ms"] - r["bare_ms"]) for r in out["pretrain_vs_bare_gap_ms"]]
     assert differences and differences == sorted(differences, reverse=True)  # the largest difference first
+
+
+@pytest.mark.parametrize("guard,uncertainty,stops", [("min", "min", False), ("stall", "none", True)])
+def test_overopt_guards_differ_from_the_unguarded_run_only_in_the_guard(guard, uncertainty, stops):
+    from bench.overopt import overrides
+    a = SimpleNamespace(guard=guard, coef=1.0, every=8, prompts=200, no_kl=True, lr_scale=1.0)
+    runs = {mode: overrides("grpo", mode, 0, "reward-x", "sft-x", 120, a, ["experiment=ci"])
+            for mode in ("unguarded", "guarded")}
+    assert "grpo.reward_uncertainty=none" in runs["unguarded"] and "grpo.stall_stop=true" not in runs["unguarded"]
+    assert f"grpo.reward_uncertainty={uncertainty}" in runs["guarded"]
+    assert ("grpo.stall_stop=true" in runs["guarded"]) == stops
+    assert set(runs["guarded"]) ^ set(runs["unguarded"]) <= {"grpo.reward_uncertainty=none",
+                                                            f"grpo.reward_uncertainty={uncertainty}",
+                                                            "grpo.stall_stop=true"}
+    assert "grpo.beta=0.0001" in runs["guarded"]  # no pull toward the start, and its KL still measured

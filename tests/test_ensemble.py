@@ -333,7 +333,7 @@ def test_overopt_trains_an_ensemble_and_runs_guarded_and_unguarded(ci_fine_tuned
     out = json.loads((home / "overopt.json").read_text())
     seed = out["seeds"][0]
     for key in ("gold_peak", "gold_peak_update", "gold_final", "swap_start", "swap_final",
-                "proxy_final_minus_at_peak", "warning_update", "gold_drop_update"):
+                "proxy_final_minus_at_peak", "warning_update", "stall_update", "gold_drop_update"):
         assert key in seed["unguarded"], key
     assert {"gold", "ci_low", "ci_high"} <= set(seed["guarded_minus_unguarded"])
     assert {"alpha", "beta"} <= set(seed["gao_fit"])

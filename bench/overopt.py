@@ -15,8 +15,8 @@ ensemble (or --reward), training one (`make reward ARGS="reward.ensemble_size=4"
 held-out prompts every `--every` updates, sampled as its final evaluation samples them, and records the proxy
 reward, KL and the ensemble's disagreement on its rollouts. Per seed and method it finds gold's peak, the first
 update at which gold falls 0.03 below its running peak, the updates at which the disagreement warning and the
-stall warning (the KL grown with the reward flat, `stall_budget`) fired, and fits Gao et al.'s form R(d) = d (alpha - beta ln d), d = sqrt(KL), to the unguarded run's gold gain over the
-start. It writes $PIPELINE_HOME/overopt.json and overopt.png (proxy and gold against sqrt(KL), the fit and its
+stall warning (the KL grown with the reward flat, `stall_budget`) fired, and fits Gao et al.'s form
+R(d) = d (alpha - beta ln d), d = sqrt(KL), to the unguarded run's gold gain over the start. It writes $PIPELINE_HOME/overopt.json and overopt.png (proxy and gold against sqrt(KL), the fit and its
 peak) and prints a table.
 """
 from __future__ import annotations
@@ -209,7 +209,8 @@ def plot(results: list[dict], path: Path) -> None:
 
 def table(results: list[dict]) -> str:
     lines = ["| seed | method | gold start -> peak (update) -> final | proxy final - at peak | swap start -> final "
-             "| disagreement / stall warning / gold drop (update) | guarded final gold | guarded - unguarded [95%] | guarded swap |",
+             "| disagreement / stall warning / gold drop (update) | guarded final gold | guarded - unguarded [95%] "
+             "| guarded swap |",
              "|---|---|---|---|---|---|---|---|---|"]
     f = lambda v: "–" if v is None else f"{v:.3f}"
     for s in results:
@@ -220,7 +221,8 @@ def table(results: list[dict]) -> str:
             lines.append(
                 f"| {s['seed']} | {m} | {f(u['curve'][0]['gold'])} -> {f(u['gold_peak'])} ({u['gold_peak_update']}) "
                 f"-> {f(u['gold_final'])} | {f(u['proxy_final_minus_at_peak'])} | {f(u['swap_start'])} -> "
-                f"{f(u['swap_final'])} | {u['warning_update']} / {u['stall_update']} / {u['gold_drop_update']} | {f(g['gold_final'])} | "
+                f"{f(u['swap_final'])} | {u['warning_update']} / {u['stall_update']} / {u['gold_drop_update']} | "
+                f"{f(g['gold_final'])} | "
                 f"{d['gold']:+.3f} [{d['ci_low']:+.3f}, {d['ci_high']:+.3f}] | {f(g['swap_start'])} -> "
                 f"{f(g['swap_final'])} |")
     return "\n".join(lines)

@@ -16,8 +16,9 @@ held-out prompts every `--every` updates, sampled as its final evaluation sample
 reward, KL and the ensemble's disagreement on its rollouts. Per seed and method it finds gold's peak, the first
 update at which gold falls 0.03 below its running peak, the updates at which the disagreement warning and the
 stall warning (the KL grown with the reward flat, `stall_budget`) fired, and fits Gao et al.'s form
-R(d) = d (alpha - beta ln d), d = sqrt(KL), to the unguarded run's gold gain over the start. It writes $PIPELINE_HOME/overopt.json and overopt.png (proxy and gold against sqrt(KL), the fit and its
-peak) and prints a table.
+R(d) = d (alpha - beta ln d), d = sqrt(KL), to the unguarded run's gold gain over the start. It writes
+$PIPELINE_HOME/overopt.json and overopt.png (proxy and gold against sqrt(KL), the fit and its peak) and prints a
+table.
 """
 from __future__ import annotations
 

@@ -30,7 +30,8 @@ SUMMARY_METRICS = {
     "sft": ("eval_loss", "baseline_gold_score", "gold_score", "gold_gain"),
     "reward": ("eval_accuracy", "eval_margin", "score_std", "ensemble_size", "eval_disagreement"),
     **{stage: ("baseline_reward_mean", "reward_mean", "reward_gain", "baseline_gold_score", "gold_score", "gold_gain",
-               "eval_prompts", "kl", "baseline_ensemble_std", "ensemble_std", "disagreement_warning_step")
+               "eval_prompts", "kl", "baseline_ensemble_std", "ensemble_std", "disagreement_warning_step",
+               "stall_warning_step", "stall_stop_step")
        for stage in ("ppo", "grpo", "rloo")},
     "dpo": ("implicit_reward_accuracy", "baseline_gold_score", "gold_score", "gold_gain", "eval_prompts", "kl"),
 }

@@ -207,3 +207,12 @@ def test_ppo_runs_after_sft_and_reward_with_both_parents(home, ci_fine_tuned, tm
     assert m["reward_gain_ci_low"] <= m["reward_gain"] <= m["reward_gain_ci_high"]
     assert m["reward_gain"] == pytest.approx(m["reward_mean"] - m["baseline_reward_mean"], abs=1e-6)
     assert "too few for the reward or gold gain" not in r.stdout
+
+
+def test_the_summary_names_the_update_the_stall_warning_fired_at():
+    from pipeline.report import summary_table
+    for stage in ("ppo", "grpo", "rloo"):
+        e = SimpleNamespace(stage=stage, id=f"{stage}-x", status="complete", finished_at=None,
+                            metrics={"gold_gain": 0.1, "stall_warning_step": 21, "stall_stop_step": 21})
+        row = summary_table([e]).splitlines()[1]
+        assert "stall_warning_step=21" in row and "stall_stop_step=21" in row

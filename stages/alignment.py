@@ -141,8 +141,8 @@ class KLBudget(Kept, TrainerCallback):
     """Stop when the policy drifts past the KL budget."""
     kept = ("fired_at",)
 
-    def __init__(self, budget: float | None, key: str):
-        self.budget, self.key = budget, key  # key: the logged KL (objective/kl for PPO, kl for GRPO/RLOO)
+    def __init__(self, budget: float | None, kl_of):
+        self.budget, self.kl_of = budget, kl_of  # a log's KL in nats per response (None where it has none)
         self.fired_at = None
 
     @property
@@ -150,7 +150,7 @@ class KLBudget(Kept, TrainerCallback):
         return self.fired_at is not None
 
     def on_log(self, args, state, control, logs=None, **kwargs):
-        kl = (logs or {}).get(self.key)
+        kl = self.kl_of(logs or {})
         if self.budget is not None and kl is not None and kl > self.budget:
             self.fired_at = {"step": state.global_step, "kl": kl}
             raise BudgetExceeded()
@@ -314,9 +314,9 @@ class GoldTracker(Kept, TrainerCallback):
     kept = ("history",)
 
     def __init__(self, policy, tok, rows: list[dict], every: int, gen: GenerationEvalConfig, score_key: str,
-                 kl_key: str):
+                 kl_of):
         self.policy, self.tok, self.rows, self.every, self.gen = policy, tok, rows, every, gen
-        self.score_key, self.kl_key = score_key, kl_key
+        self.score_key, self.kl_of = score_key, kl_of  # kl_of: a log's KL in nats per response, as KLBudget's
         self.history = []
 
     def on_log(self, args, state, control, logs=None, **kwargs):
@@ -327,7 +327,7 @@ class GoldTracker(Kept, TrainerCallback):
                                        "Gold check")
         gold = sum(demo.gold_score(r["prompt"][-1]["content"], x) for r, x in zip(self.rows, responses))
         self.history.append({"step": state.global_step, "gold_score": gold / len(self.rows),
-                             "score": logs.get(self.score_key), "kl": logs.get(self.kl_key),
+                             "score": logs.get(self.score_key), "kl": self.kl_of(logs),
                              "seconds": time.perf_counter() - started})
         logs["gold_score"] = self.history[-1]["gold_score"]
 

@@ -107,8 +107,8 @@ def grpo(run: StageRun) -> dict:
     trainer_cls, args = trainer_and_args(run)
     judged = cfg.data.kind == "demo"
     tracker = GoldTracker(policy, tok, eval_rows[:g.gold_prompts] if judged else [], g.gold_every, cfg.eval,
-                          "reward", "kl")
-    budget = KLBudget(g.kl_budget, "kl")
+                          "reward", kl_per_response)
+    budget = KLBudget(g.kl_budget, kl_per_response)
     stall = RewardStall(g.stall_budget, g.stall_stop, run.warn, "reward", kl_per_response)
     disagreement = None if head is None else Disagreement(head, g.disagreement_budget, g.disagreement_stop, run.warn)
     guards = [budget, stall, *[disagreement] * (disagreement is not None)]

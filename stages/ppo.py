@@ -201,10 +201,10 @@ def ppo(run: StageRun) -> dict:
     # --- trainer
     args = ppo_arguments(run)
     tracker = GoldTracker(policy, tok, eval_rows[:p.gold_prompts] if cfg.data.kind == "demo" else [], p.gold_every,
-                          cfg.eval, "objective/scores", "objective/kl")
-    budget = KLBudget(p.kl_budget, "objective/kl")
+                          cfg.eval, "objective/scores", kl_per_response)
+    budget = KLBudget(p.kl_budget, kl_per_response)
     disagreement = Disagreement(scorer.score, p.disagreement_budget, p.disagreement_stop, run.warn)
-    stall = RewardStall(p.stall_budget, p.stall_stop, run.warn, "objective/scores", lambda log: log.get("objective/kl"))
+    stall = RewardStall(p.stall_budget, p.stall_stop, run.warn, "objective/scores", kl_per_response)
     # an update is long: the first one's warm-up is all the step timer leaves out
     callbacks = [*standard_callbacks(run, timer_skip=1), tracker, budget, disagreement, stall]
     trainer = ResumablePPOTrainer(args=args, processing_class=tok, model=policy, ref_model=reference,
@@ -234,6 +234,11 @@ def ppo(run: StageRun) -> dict:
         (Path(run.entry.path) / "ppo_history.json").write_text(json.dumps(
             {"log": history, "gold": tracker.history, "disagreement": disagreement.history}, indent=1))
     return metrics
+
+
+def kl_per_response(log: dict) -> float | None:
+    """A log's KL to the reference in nats per response: TRL's PPO logs it so (objective/kl)."""
+    return log.get("objective/kl")
 
 
 @hydra.main(version_base="1.3", config_path="../conf", config_name="ppo")

@@ -13,7 +13,7 @@ from pipeline.run import StageRun
 from pipeline.tokenizer import train_bpe
 from pipeline.handoff import check_reward_handoff
 from stages.alignment import BudgetExceeded, KLBudget, RewardStall
-from stages.ppo import ppo_arguments
+from stages.ppo import kl_per_response, ppo_arguments
 from tests.conftest import compose
 
 
@@ -69,13 +69,19 @@ def test_the_stage_wires_each_detail_into_trl(tmp_path):
 
 
 def test_kl_budget_stops_and_records():
-    cb = KLBudget(5.0, "objective/kl")
+    cb = KLBudget(5.0, kl_per_response)
     state = SimpleNamespace(global_step=7)
     cb.on_log(None, state, None, logs={"objective/kl": 4.0})
     assert cb.fired_at is None
     with pytest.raises(BudgetExceeded):
         cb.on_log(None, state, None, logs={"objective/kl": 6.0})
     assert cb.fired_at == {"step": 7, "kl": 6.0}
+    # GRPO's budget is in nats per response too: TRL's 0.3 per token over 20-token responses is 6
+    from stages.grpo import kl_per_response as grpo_kl
+    grpo = KLBudget(5.0, grpo_kl)
+    with pytest.raises(BudgetExceeded):
+        grpo.on_log(None, state, None, logs={"kl": 0.3, "completions/mean_length": 20.0})
+    assert grpo.fired_at["kl"] == pytest.approx(6.0)
 
 
 def stall_log(cb, rows, kl_key="objective/kl", reward_key="objective/scores", **extra):

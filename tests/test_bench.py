@@ -7,6 +7,7 @@ import pytest
 from bench.quality import meets, ppo_curve, time_at
 from bench.run import sections
 from bench.scaling import plot, slope
+from tests.conftest import compose
 
 
 def test_section_switches_are_taken_out_of_the_stage_overrides():
@@ -89,7 +90,7 @@ def test_the_stage_and_the_bare_loop_run_in_alternating_segments(tmp_path):
 @pytest.mark.parametrize("guard,uncertainty,stops", [("min", "min", False), ("stall", "none", True)])
 def test_overopt_guards_differ_from_the_unguarded_run_only_in_the_guard(guard, uncertainty, stops):
     from bench.overopt import overrides
-    a = SimpleNamespace(guard=guard, coef=1.0, every=8, prompts=200, no_kl=True, lr_scale=1.0)
+    a = SimpleNamespace(guard=guard, coef=1.0, every=8, prompts=200, kl=False, lr_scale=1.0)
     runs = {mode: overrides("grpo", mode, 0, "reward-x", "sft-x", 120, a, ["experiment=ci"])
             for mode in ("unguarded", "guarded")}
     assert "grpo.reward_uncertainty=none" in runs["unguarded"] and "grpo.stall_stop=true" not in runs["unguarded"]
@@ -99,3 +100,8 @@ def test_overopt_guards_differ_from_the_unguarded_run_only_in_the_guard(guard, u
                                                             f"grpo.reward_uncertainty={uncertainty}",
                                                             "grpo.stall_stop=true"}
     assert "grpo.beta=0.0001" in runs["guarded"]  # no pull toward the start, and its KL still measured
+    a.kl, a.lr_scale = True, 4.0  # --kl keeps the stage's penalty; the learning rate is scaled from the stage's
+    kept = overrides("ppo", "unguarded", 0, "reward-x", "sft-x", 64, a, ["experiment=ci"])
+    assert not any(o.startswith("ppo.kl_coef") for o in kept)
+    lr = float(compose("ppo", ["experiment=ci"]).trainer.learning_rate)
+    assert f"trainer.learning_rate={lr * 4:g}" in kept

@@ -18,6 +18,7 @@ import json
 import time
 from pathlib import Path
 
+import torch
 from datasets import Dataset
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (AutoModelForCausalLM, AutoModelForSequenceClassification, LlamaConfig,
@@ -29,6 +30,11 @@ from trl.experimental.ppo import PPOConfig, PPOTrainer
 TEMPLATE = ("{% for m in messages %}{% if m['role'] == 'assistant' %}<|assistant|>{% generation %}"
             "{{ m['content'] }}{{ eos_token }}{% endgeneration %}{% else %}<|{{ m['role'] }}|>{{ m['content'] }}"
             "{{ eos_token }}{% endif %}{% endfor %}{% if add_generation_prompt %}<|assistant|>{% endif %}")
+
+
+def precision(a, stage):
+    """The stage's precision, and the device: transformers refuses bf16 without a GPU unless told it runs on the CPU."""
+    return {"bf16": stage in a.bf16, "use_cpu": not torch.cuda.is_available()}
 
 
 def read(path):
@@ -77,7 +83,7 @@ def pretrain(a, data, out):
     model = LlamaForCausalLM(config)
     args = TrainingArguments(out / "trainer-pretrain", max_steps=a.pretrain_steps, per_device_train_batch_size=32,
                              learning_rate=2e-3, warmup_steps=30, lr_scheduler_type="cosine", logging_steps=25,
-                             save_strategy="no", report_to=[], seed=a.seed, bf16="pretrain" in a.bf16)
+                             save_strategy="no", report_to=[], seed=a.seed, **precision(a, "pretrain"))
     trainer = Trainer(model=model, args=args, train_dataset=train, eval_dataset=held,
                       data_collator=default_data_collator)
     before = trainer.evaluate()["eval_loss"]
@@ -92,7 +98,7 @@ def sft(a, data, out):
     rows = [{"messages": r["messages"]} for r in read(data / "sft.jsonl")]
     args = SFTConfig(out / "trainer-sft", max_steps=a.sft_steps, per_device_train_batch_size=16, learning_rate=5e-4,
                      warmup_steps=20, assistant_only_loss=True, max_length=512, logging_steps=25,
-                     save_strategy="no", report_to=[], seed=a.seed, bf16="sft" in a.bf16)
+                     save_strategy="no", report_to=[], seed=a.seed, **precision(a, "sft"))
     trainer = SFTTrainer(model=str(out / "pretrain"), args=args, train_dataset=Dataset.from_list(rows))
     trainer.train()
     trainer.save_model(out / "sft")
@@ -104,7 +110,7 @@ def reward(a, data, out):
     rows = [{k: r[k] for k in ("prompt", "chosen", "rejected")} for r in read(data / "pairs.jsonl")]
     args = RewardConfig(out / "trainer-reward", num_train_epochs=a.reward_epochs, per_device_train_batch_size=16,
                         learning_rate=3e-4, max_length=512, logging_steps=25, save_strategy="no", report_to=[],
-                        seed=a.seed, bf16="reward" in a.bf16)
+                        seed=a.seed, **precision(a, "reward"))
     trainer = RewardTrainer(model=str(out / "sft"), args=args, train_dataset=Dataset.from_list(rows))
     trainer.train()
     trainer.save_model(out / "reward")
@@ -122,7 +128,7 @@ def ppo(a, data, out):
     args = PPOConfig(out / "trainer-ppo", total_episodes=a.ppo_episodes, per_device_train_batch_size=64,
                      num_mini_batches=4, num_ppo_epochs=2, learning_rate=3e-5, response_length=80,
                      stop_token="eos", temperature=1.0, missing_eos_penalty=1.0, kl_coef=0.05,
-                     num_sample_generations=0, save_strategy="no", report_to=[], seed=a.seed, bf16="ppo" in a.bf16)
+                     num_sample_generations=0, save_strategy="no", report_to=[], seed=a.seed, **precision(a, "ppo"))
     trainer = PPOTrainer(args=args, processing_class=tok, model=policy, ref_model=ref, reward_model=rm,
                          value_model=value, train_dataset=ds, eval_dataset=ds.select(range(16)))
     trainer.train()

@@ -105,3 +105,16 @@ def test_overopt_guards_differ_from_the_unguarded_run_only_in_the_guard(guard, u
     assert not any(o.startswith("ppo.kl_coef") for o in kept)
     lr = float(compose("ppo", ["experiment=ci"]).trainer.learning_rate)
     assert f"trainer.learning_rate={lr * 4:g}" in kept
+
+
+def test_plain_script_trains_its_bf16_stages_on_a_cpu(tmp_path):
+    """The parity bench's plain script runs the stages the pipeline runs in bf16 in bf16 (a CPU with AMX tiles
+    runs all four so), and transformers accepts that without a GPU; the other stages stay fp32."""
+    import torch
+    from transformers import TrainingArguments
+
+    from bench.plain_rlhf import precision
+    a = SimpleNamespace(bf16=["pretrain"])
+    args = TrainingArguments(tmp_path, **precision(a, "pretrain"))
+    assert args.bf16 and (args.use_cpu or torch.cuda.is_available())
+    assert not TrainingArguments(tmp_path, **precision(a, "sft")).bf16

@@ -110,13 +110,13 @@ def sft_batching(overrides: list[str], init_from: str, out_dir: Path, steps: int
 
 
 # fp32 against bf16 autocast, stage by stage: (stage, overrides); each run's steady seconds per step is compared.
+# Not PPO: TRL's PPOTrainer trains in fp32 whatever it is told (FP32_STAGES in pipeline/trainer.py).
 PRECISION_RUNS = {
     "pretrain 16x256": ("pretrain", "data.num_documents=4000 data.max_eval_blocks=8 trainer.max_steps=20 "
                                     "trainer.save_steps=20"),
     "pretrain 32x128": ("pretrain", "data.num_documents=4000 data.max_eval_blocks=8 trainer.max_steps=20 "
                                     "trainer.save_steps=20 data.block_size=128 trainer.per_device_train_batch_size=32"),
     "reward": ("reward", "trainer.max_steps=20 trainer.save_steps=20 data.max_eval_examples=32"),
-    "ppo": ("ppo", "trainer.max_steps=3 eval.num_prompts=16 ppo.gold_every=0"),
 }
 
 

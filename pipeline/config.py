@@ -211,8 +211,8 @@ class TrainerConfig:
     gradient_accumulation_steps: int = 1
     # Mixed precision: "auto" (bf16 autocast where bf16 matmuls are native and pay: a GPU with bf16, a CPU with
     # AMX tiles, and for pretraining a CPU with AVX-512 BF16; fp32 elsewhere: pipeline/trainer.py,
-    # resolved_precision), "no", "bf16", "fp16". Weights stay fp32; gold-score, accuracy and reward evaluations
-    # run in fp32. `make bench` measures both.
+    # resolved_precision; PPO always fp32), "no", "bf16", "fp16". Weights stay fp32; gold-score, accuracy and
+    # reward evaluations run in fp32. `make bench` measures both.
     mixed_precision: str = "auto"
     # Steps between log lines.
     logging_steps: int = 25

@@ -157,6 +157,9 @@ def run_stage(stage: str, cfg: DictConfig, body: Callable[[StageRun], dict],
         if state.is_main_process:
             (Path(entry.path) / "pipeline_config.yaml").write_text(OmegaConf.to_yaml(cfg, resolve=True))
             precision = resolved_precision(typed.trainer.mixed_precision, stage)
+            if typed.trainer.mixed_precision not in ("auto", precision):
+                log.warning(f"trainer.mixed_precision={typed.trainer.mixed_precision} has no effect on {stage}: "
+                            f"its trainer runs in fp32")
             procs = (f"{state.num_processes} process{'es' if state.num_processes > 1 else ''}"
                      f"{', ' + parallelism(state, log) if state.num_processes > 1 else ''}, {state.device.type}, "
                      f"{'fp32' if precision == 'no' else precision + ' autocast'}")

@@ -17,12 +17,17 @@ CHECKPOINTING = "activation_checkpointing" if "activation_checkpointing" in Trai
 # there, SFT in bf16 lost gold (docs/results.md, "Time to quality"), and the reward model in bf16 met its accuracy
 # mark at fp32's step on one seed of two, later on the other ("The reward stage in bf16 against fp32").
 AVX512_BF16_STAGES = ("pretrain",)
+# The stages whose trainer runs in fp32 whatever it is told: TRL's PPOTrainer builds its own Accelerator without
+# the mixed precision (its bf16 casts only 4-bit PEFT modules), so PPO's updates are fp32 on every machine.
+FP32_STAGES = ("ppo",)
 
 
 def resolved_precision(setting: str, stage: str) -> str:
     """trainer.mixed_precision as `stage` runs it on this machine: auto is bf16 where bf16 matmuls are native and
     pay (a GPU with bf16; a CPU with AMX tiles; with AVX-512 BF16, the stages of AVX512_BF16_STAGES), else no
-    (fp32: emulated bf16 runs at a small fraction of the fp32 rate)."""
+    (fp32: emulated bf16 runs at a small fraction of the fp32 rate). "no" for the stages of FP32_STAGES."""
+    if stage in FP32_STAGES:
+        return "no"
     if setting != "auto":
         return setting
     if torch.cuda.is_available():

@@ -99,7 +99,8 @@ def test_two_processes_make_one_entry(home):
 @pytest.mark.parametrize("cuda, cuda_bf16, amx, avx512_bf16, stage, expect", [
     (False, False, True, False, "sft", "bf16"), (False, False, False, True, "pretrain", "bf16"),
     (False, False, False, True, "sft", "no"), (False, False, False, True, "ppo", "no"),
-    (False, False, False, False, "pretrain", "no"), (True, True, False, False, "ppo", "bf16"),
+    (False, False, False, False, "pretrain", "no"), (True, True, False, False, "grpo", "bf16"),
+    (True, True, False, False, "ppo", "no"), (False, False, True, False, "ppo", "no"),
     (True, False, True, True, "pretrain", "no")])
 def test_auto_precision_is_bf16_only_where_it_is_fast(monkeypatch, cuda, cuda_bf16, amx, avx512_bf16, stage, expect):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: cuda)
@@ -107,7 +108,8 @@ def test_auto_precision_is_bf16_only_where_it_is_fast(monkeypatch, cuda, cuda_bf
     monkeypatch.setattr(torch.cpu, "_is_amx_tile_supported", lambda: amx)
     monkeypatch.setattr(torch.cpu, "_is_avx512_bf16_supported", lambda: avx512_bf16)
     assert resolved_precision("auto", stage) == expect
-    assert resolved_precision("no", stage) == "no" and resolved_precision("bf16", stage) == "bf16"
+    assert resolved_precision("no", stage) == "no"
+    assert resolved_precision("bf16", stage) == ("no" if stage == "ppo" else "bf16")  # TRL's PPO: fp32 always
 
 
 def test_evaluation_after_mixed_precision_training_runs_in_fp32():

@@ -268,12 +268,12 @@ def main(argv: list[str] | None = None) -> int:
     sft = registry.resolve(a.policy).entry  # the error says to run make sft first
     reward = registry.resolve(a.reward).entry if a.reward else ensemble_entry(scale, a.members)
     print(f"overopt: policy {sft.id}, reward ensemble {reward.id} ({reward.metrics['ensemble_size']} members)")
+    a.budget = {m: BUDGETS[m] if a.budget is None else a.budget for m in methods}  # as overopt.json records it
     results = []
     for seed in [int(s) for s in a.seeds.split(",")]:
         result = {"seed": seed}
         for method in methods:
-            budget = BUDGETS[method] if a.budget is None else a.budget
-            steps = max(1, round(int(composed(method, scale).trainer.max_steps) * budget))
+            steps = max(1, round(int(composed(method, scale).trainer.max_steps) * a.budget[method]))
             runs = {}
             for mode in MODES:
                 make(METHODS[method][0], overrides(method, mode, seed, reward.id, sft.id, steps, a, scale))

@@ -341,6 +341,7 @@ def test_overopt_trains_an_ensemble_and_runs_guarded_and_unguarded(ci_fine_tuned
     runs = {mode: registry.get(seed[mode]["entry"]) for mode in ("unguarded", "guarded")}
     assert runs["unguarded"].config["ppo"]["reward_uncertainty"] == "none"
     assert runs["guarded"].config["ppo"]["reward_uncertainty"] == "min" and out["settings"]["guard"] == "min"
+    assert out["settings"]["budget"] == {"ppo": 0.25}  # the budget each method ran at
     for e in runs.values():
         assert reward.id in e.parents
         assert e.metrics["ensemble_std_start"] > 0 and "ensemble_std" in e.metrics
